@@ -43,7 +43,12 @@ pub fn read_content(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-fn header(bytes: &[u8], path: &Path, expected_magic: u32, kind: &'static str) -> Result<Vec<usize>> {
+fn header(
+    bytes: &[u8],
+    path: &Path,
+    expected_magic: u32,
+    kind: &'static str,
+) -> Result<Vec<usize>> {
     let ndims = (expected_magic & 0xff) as usize;
     let header_len = 4 + 4 * ndims;
     if bytes.len() < 4 {
@@ -185,13 +190,23 @@ mod tests {
         bytes.truncate(bytes.len() - 5);
         let err = parse_images(&bytes, Path::new("x.idx")).unwrap_err();
         assert!(
-            matches!(err, CmnistError::Truncated { expected: 40, actual: 35, .. }),
+            matches!(
+                err,
+                CmnistError::Truncated {
+                    expected: 40,
+                    actual: 35,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("x.idx"));
         // Cut inside the header.
         let err = parse_images(&bytes[..10], Path::new("x.idx")).unwrap_err();
-        assert!(matches!(err, CmnistError::Truncated { expected: 16, .. }), "{err}");
+        assert!(
+            matches!(err, CmnistError::Truncated { expected: 16, .. }),
+            "{err}"
+        );
         let err = parse_labels(&[0, 0], Path::new("l")).unwrap_err();
         assert!(matches!(err, CmnistError::Truncated { .. }), "{err}");
     }
@@ -202,7 +217,11 @@ mod tests {
         bytes.push(7);
         assert!(matches!(
             parse_labels(&bytes, Path::new("l")),
-            Err(CmnistError::TrailingBytes { expected: 11, actual: 12, .. })
+            Err(CmnistError::TrailingBytes {
+                expected: 11,
+                actual: 12,
+                ..
+            })
         ));
     }
 
@@ -211,7 +230,14 @@ mod tests {
         // A label file handed to the image parser, and the reverse.
         let err = parse_images(&encode_labels(&[1, 2]), Path::new("l")).unwrap_err();
         assert!(
-            matches!(err, CmnistError::BadMagic { found: 0x801, expected: 0x803, .. }),
+            matches!(
+                err,
+                CmnistError::BadMagic {
+                    found: 0x801,
+                    expected: 0x803,
+                    ..
+                }
+            ),
             "{err}"
         );
         let err = parse_labels(&encode_images(&sample()), Path::new("i")).unwrap_err();

@@ -224,7 +224,12 @@ impl GreySource {
     }
 }
 
-fn check_pair(images: &IdxImages, images_path: &Path, labels: &[u8], labels_path: &Path) -> Result<()> {
+fn check_pair(
+    images: &IdxImages,
+    images_path: &Path,
+    labels: &[u8],
+    labels_path: &Path,
+) -> Result<()> {
     if (images.rows, images.cols) != (28, 28) {
         return Err(CmnistError::WrongDimensions {
             path: images_path.to_owned(),
@@ -322,8 +327,8 @@ mod tests {
         assert_eq!(src.train_images.count, 40);
         assert_eq!(src.test_labels.len(), 20);
         assert_eq!(src.checksums.len(), 4);
-        let err = GreySource::load(dir.path(), SourceKind::Mnist, Verification::Checksums)
-            .unwrap_err();
+        let err =
+            GreySource::load(dir.path(), SourceKind::Mnist, Verification::Checksums).unwrap_err();
         assert!(matches!(err, CmnistError::ChecksumMismatch { .. }), "{err}");
         assert!(err.to_string().contains("--skip-checksum"));
         Ok(())
@@ -333,7 +338,13 @@ mod tests {
     fn missing_folder_or_file_is_named() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let err = GreySource::load(dir.path(), SourceKind::Mnist, Verification::Skip).unwrap_err();
-        assert!(matches!(err, CmnistError::MissingFile { name: "train-images-idx3-ubyte", .. }));
+        assert!(matches!(
+            err,
+            CmnistError::MissingFile {
+                name: "train-images-idx3-ubyte",
+                ..
+            }
+        ));
         assert!(err.to_string().contains("--mnist-dir"));
         Ok(())
     }
@@ -348,14 +359,34 @@ mod tests {
         )?;
         let err = GreySource::load(dir.path(), SourceKind::Mnist, Verification::Skip).unwrap_err();
         assert!(
-            matches!(err, CmnistError::CountMismatch { n_images: 30, n_labels: 29, .. }),
+            matches!(
+                err,
+                CmnistError::CountMismatch {
+                    n_images: 30,
+                    n_labels: 29,
+                    ..
+                }
+            ),
             "{err}"
         );
         let mut labels = vec![1u8; 30];
         labels[17] = 12;
-        std::fs::write(dir.path().join("train-labels-idx1-ubyte"), idx::encode_labels(&labels))?;
+        std::fs::write(
+            dir.path().join("train-labels-idx1-ubyte"),
+            idx::encode_labels(&labels),
+        )?;
         let err = GreySource::load(dir.path(), SourceKind::Mnist, Verification::Skip).unwrap_err();
-        assert!(matches!(err, CmnistError::BadLabel { index: 17, label: 12, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CmnistError::BadLabel {
+                    index: 17,
+                    label: 12,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         Ok(())
     }
 
@@ -369,7 +400,10 @@ mod tests {
             cols: 28,
             pixels: vec![0; 4 * 27 * 28],
         };
-        std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), idx::encode_images(&small))?;
+        std::fs::write(
+            dir.path().join("t10k-images-idx3-ubyte"),
+            idx::encode_images(&small),
+        )?;
         let err = GreySource::load(dir.path(), SourceKind::Mnist, Verification::Skip).unwrap_err();
         assert!(matches!(err, CmnistError::WrongDimensions { .. }), "{err}");
         Ok(())
