@@ -1,1 +1,62 @@
-fn main() {}
+//! `debiasdd`: the command-line face of the workspace.
+//!
+//! Thin by design: it parses arguments into the library crates' config structs, runs them, and
+//! prints results. Every subcommand lives in its own module; errors surface as one line (the
+//! whole cause chain) and a non-zero exit code, never a panic.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod generate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "debiasdd",
+    version,
+    about = "Debiased dataset distillation on Colored MNIST"
+)]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build a Colored MNIST from grey MNIST files and save it as one safetensors file.
+    Generate(generate::GenerateArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -549,8 +549,8 @@ mod tests {
         };
         let data = build(&source, &fair).unwrap();
         let colour = REBIAS_PALETTE[usize::from(data.test.colours[0])];
-        for p in 0..784 {
-            let expected = if grey[p] >= 128 { colour } else { [0, 0, 0] };
+        for (p, &g) in grey.iter().enumerate() {
+            let expected = if g >= 128 { colour } else { [0, 0, 0] };
             let got = [
                 data.test.image(0)[p],
                 data.test.image(0)[784 + p],

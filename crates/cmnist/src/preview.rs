@@ -179,7 +179,7 @@ mod tests {
                     .flat_map(|dy| (0..cell).map(move |dx| (dx, dy)))
                     .map(|(dx, dy)| *img.get_pixel(x0 + dx, y0 + dy))
                     .collect();
-                let hatched = pixels.iter().any(|&p| p == HATCH_COLOUR);
+                let hatched = pixels.contains(&HATCH_COLOUR);
                 assert_eq!(hatched, row != col, "cell ({row}, {col})");
                 if row == col {
                     // The digit is drawn in its class colour (modulo jitter).

@@ -316,7 +316,11 @@ mod tests {
             let mut sorted = draw.clone();
             sorted.sort_unstable();
             sorted.dedup();
-            assert_eq!(sorted.len(), 4, "draw without replacement repeated a sample");
+            assert_eq!(
+                sorted.len(),
+                4,
+                "draw without replacement repeated a sample"
+            );
             assert!(draw.iter().all(|i| idx.members(5).contains(i)));
         }
     }

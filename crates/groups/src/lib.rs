@@ -26,7 +26,10 @@ pub enum GroupError {
     #[error(
         "a group layout needs at least one class and one attribute, got {n_classes} x {n_attributes}"
     )]
-    EmptySpec { n_classes: usize, n_attributes: usize },
+    EmptySpec {
+        n_classes: usize,
+        n_attributes: usize,
+    },
     #[error("class {class} is out of range: this layout has classes 0..{n_classes}")]
     ClassOutOfRange { class: usize, n_classes: usize },
     #[error("attribute {attribute} is out of range: this layout has attributes 0..{n_attributes}")]

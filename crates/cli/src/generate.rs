@@ -1,0 +1,144 @@
+//! `debiasdd generate`: grey MNIST folder -> Colored MNIST safetensors (+ preview PNG).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+
+use debiasdd_cmnist::colored::N_COLOURS;
+use debiasdd_cmnist::{ColoredMnistConfig, GreySource, Preset, SourceKind, Split, Verification};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Folder with the four grey IDX files (.gz or raw), e.g. as stored by `cargo xtask download`.
+    #[arg(long, env = "DEBIASDD_MNIST_DIR", default_value = "data/mnist")]
+    mnist_dir: PathBuf,
+    /// Grey source in that folder.
+    #[arg(long, default_value = "mnist")]
+    dataset: SourceKind,
+    /// Fraction of bias-conflicting training samples per class, in [0, 1] (smaller = more biased).
+    #[arg(long)]
+    ratio: f64,
+    /// Seed of every random choice (split, conflicting samples, colours, jitter).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// seed: the project's protocol (45k/5k/10k, LfF palette); fairdd: FairDD's (60k train,
+    /// ReBias palette, binarised digits).
+    #[arg(long, default_value = "seed")]
+    preset: Preset,
+    /// Output file (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the class x colour preview grid of the train split as PNG.
+    #[arg(long)]
+    preview: Option<PathBuf>,
+    /// Override the preset's number of training images.
+    #[arg(long)]
+    train_size: Option<usize>,
+    /// Override the preset's number of validation images.
+    #[arg(long)]
+    valid_size: Option<usize>,
+    /// Override the colour jitter std (per channel, [0, 1] units).
+    #[arg(long)]
+    jitter: Option<f64>,
+    /// Accept grey files whose content differs from the published dataset.
+    #[arg(long)]
+    skip_checksum: bool,
+}
+
+impl GenerateArgs {
+    fn config(&self) -> ColoredMnistConfig {
+        let base = ColoredMnistConfig::new(self.preset, self.ratio, self.seed);
+        ColoredMnistConfig {
+            source: self.dataset,
+            train_size: self.train_size.unwrap_or(base.train_size),
+            valid_size: self.valid_size.unwrap_or(base.valid_size),
+            jitter_std: self.jitter.unwrap_or(base.jitter_std),
+            ..base
+        }
+    }
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let config = args.config();
+    // Validate the cheap things before reading 50 MB of data.
+    config.check(usize::MAX)?;
+    if !args.mnist_dir.is_dir() {
+        anyhow::bail!(
+            "grey data folder {} does not exist; run `cargo xtask download --from DIR` or pass \
+             --mnist-dir DIR (or set DEBIASDD_MNIST_DIR) to a folder with the four {} IDX files",
+            args.mnist_dir.display(),
+            args.dataset
+        );
+    }
+    let verification = if args.skip_checksum {
+        Verification::Skip
+    } else {
+        Verification::Checksums
+    };
+    let started = Instant::now();
+    let source = GreySource::load(&args.mnist_dir, args.dataset, verification)?;
+    tracing::info!(elapsed = ?started.elapsed(), "loaded grey source");
+    let built = Instant::now();
+    let data = debiasdd_cmnist::build(&source, &config)?;
+    tracing::info!(elapsed = ?built.elapsed(), "generated Colored MNIST");
+    debiasdd_cmnist::io::save(&data, &args.out)?;
+    if let Some(preview) = &args.preview {
+        debiasdd_cmnist::preview::write_preview(&data.train, &config.palette, preview)
+            .context("writing the preview")?;
+    }
+
+    println!(
+        "wrote {} ({} preset, {}, ratio {}, seed {}) in {:.2} s",
+        args.out.display(),
+        config.preset.name(),
+        config.source,
+        config.ratio,
+        config.seed,
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(preview) = &args.preview {
+        println!("preview: {}", preview.display());
+    }
+    println!();
+    println!(
+        "{:<6} {:>8} {:>8} {:>12}",
+        "split", "samples", "aligned", "conflicting"
+    );
+    for (name, split) in [
+        ("train", &data.train),
+        ("valid", &data.valid),
+        ("test", &data.test),
+    ] {
+        let aligned = (0..split.len()).filter(|&i| split.is_aligned(i)).count();
+        println!(
+            "{name:<6} {:>8} {aligned:>8} {:>12}",
+            split.len(),
+            split.len() - aligned
+        );
+    }
+    print_train_groups(&data.train);
+    Ok(())
+}
+
+fn print_train_groups(train: &Split) {
+    let index = train.group_index();
+    println!();
+    println!("train samples per group (rows = digit, columns = colour):");
+    print!("{}", index.counts());
+    let empty = index.empty_groups();
+    if empty.is_empty() {
+        println!("every group has samples");
+    } else {
+        let pairs: Vec<String> = empty
+            .iter()
+            .map(|g| format!("({}, {})", g / N_COLOURS, g % N_COLOURS))
+            .collect();
+        println!(
+            "{} empty groups (digit, colour): {}",
+            empty.len(),
+            pairs.join(" ")
+        );
+    }
+}
