@@ -1,0 +1,1 @@
+//! Evaluation of training sets (work in progress).

@@ -1,0 +1,1 @@
+//! The networks of debiasdd (work in progress).
