@@ -34,21 +34,21 @@ const MAX_DOWNLOAD_BYTES: u64 = 100 * 1024 * 1024;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// Arguments of `cargo xtask download`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Args {
     /// Which grey dataset: mnist or fashion-mnist.
     #[arg(long, default_value = "mnist")]
-    dataset: SourceKind,
+    pub dataset: SourceKind,
     /// Copy the four files (`NAME.gz` or raw `NAME`) from this local folder instead of
     /// downloading. For MNIST, defaults to $DEBIASDD_MNIST_DIR when that is set.
     #[arg(long, value_name = "DIR")]
-    from: Option<PathBuf>,
+    pub from: Option<PathBuf>,
     /// Destination folder [default: data/<dataset> under the project root].
     #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
     /// Accept files whose content checksum differs from the published dataset (warns per file).
     #[arg(long)]
-    skip_checksum: bool,
+    pub skip_checksum: bool,
 }
 
 /// How often to try one mirror, and the pause before the second attempt (doubled after).
@@ -65,8 +65,9 @@ impl Retry {
     };
 }
 
-/// Runs the task; `root` is the project root that the default destination hangs off.
-pub fn run(args: Args, root: &Path) -> Result<()> {
+/// Runs the task; `root` is the project root that the default destination hangs off. Returns
+/// the verified source, loaded.
+pub fn run(args: Args, root: &Path) -> Result<GreySource> {
     let kind = args.dataset;
     let verification = if args.skip_checksum {
         Verification::Skip
@@ -113,7 +114,7 @@ pub fn run(args: Args, root: &Path) -> Result<()> {
         dest.display(),
         &source.content_id()[..16],
     );
-    Ok(())
+    Ok(source)
 }
 
 /// The public mirrors of `kind`, in the order they are tried.

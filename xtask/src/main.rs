@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod cmnist;
 mod download;
 
 /// Project automation for debiasdd.
@@ -21,6 +23,10 @@ struct Cli {
 enum Task {
     /// Fetch (or copy from a local folder) and verify the grey MNIST / Fashion-MNIST files.
     Download(download::Args),
+    /// Verify MNIST, then build Colored MNIST for every protocol ratio with preview PNGs.
+    Cmnist(cmnist::CmnistArgs),
+    /// Run the criterion benchmarks (release mode).
+    Bench(bench::BenchArgs),
 }
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -32,7 +38,9 @@ fn project_root() -> PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Download(args) => download::run(args, &project_root()),
+        Task::Download(args) => download::run(args, &project_root()).map(drop),
+        Task::Cmnist(args) => cmnist::run(args, &project_root()),
+        Task::Bench(args) => bench::run(args, &project_root()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -40,5 +48,14 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

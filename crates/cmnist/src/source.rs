@@ -14,9 +14,12 @@ use crate::error::{CmnistError, Result};
 use crate::idx::{self, IdxImages};
 
 /// Which grey dataset to colour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
+    #[default]
     Mnist,
     FashionMnist,
 }
