@@ -24,7 +24,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// seed: the project's protocol (45k/5k/10k, LfF palette); fairdd: FairDD's (60k train,
-    /// ReBias palette, binarised digits).
+    /// ReBias palette, binarised digits); grey: plain MNIST in 3 channels (no bias, a control).
     #[arg(long, default_value = "seed")]
     preset: Preset,
     /// Output file (.safetensors).

@@ -72,6 +72,10 @@ pub enum Preset {
     /// FairDD's: all 60k training images as train (no valid split), ReBias palette, digits
     /// binarised at intensity >= 128.
     Fairdd,
+    /// Plain grey MNIST in the same 3-channel format: the seed preset's splits with every
+    /// palette entry white and no jitter, so all three channels equal the grey image. Colour
+    /// indices are still drawn (and stored) but invisible: the control without bias.
+    Grey,
 }
 
 impl Preset {
@@ -79,6 +83,7 @@ impl Preset {
         match self {
             Preset::Seed => "seed",
             Preset::Fairdd => "fairdd",
+            Preset::Grey => "grey",
         }
     }
 }
@@ -89,7 +94,8 @@ impl std::str::FromStr for Preset {
         match s {
             "seed" => Ok(Preset::Seed),
             "fairdd" => Ok(Preset::Fairdd),
-            other => Err(format!("unknown preset {other:?}: use seed or fairdd")),
+            "grey" => Ok(Preset::Grey),
+            other => Err(format!("unknown preset {other:?}: use seed, fairdd or grey")),
         }
     }
 }
@@ -133,6 +139,11 @@ impl ColoredMnistConfig {
                 valid_size: 0,
                 palette: REBIAS_PALETTE,
                 binarise: true,
+                ..base
+            },
+            Preset::Grey => Self {
+                palette: [[255; 3]; N_COLOURS],
+                jitter_std: 0.0,
                 ..base
             },
         }
@@ -559,6 +570,22 @@ mod tests {
             assert_eq!(got, expected);
         }
         assert!(data.valid.is_empty());
+    }
+
+    #[test]
+    fn grey_preset_copies_the_grey_image_into_every_channel() {
+        let source = tiny_source(1_300, 50);
+        let config = ColoredMnistConfig {
+            train_size: 1_000,
+            valid_size: 200,
+            ..ColoredMnistConfig::new(Preset::Grey, 0.3, 2)
+        };
+        let data = build(&source, &config).unwrap();
+        let grey = &source.test_images.pixels[..784];
+        let img = data.test.image(0);
+        for ch in 0..3 {
+            assert_eq!(&img[ch * 784..(ch + 1) * 784], grey);
+        }
     }
 
     #[test]
