@@ -1,27 +1,170 @@
-//! `cargo xtask bench`: runs the workspace's criterion benchmarks in release mode and prints
-//! where their reports are.
+//! `cargo xtask bench [--no-torch] [--quick] [FILTER]`: runs the workspace's criterion
+//! benchmarks in release mode, then the same work in PyTorch on the CPU, and prints one table
+//! `benchmark | candle ms | PyTorch ms | candle/PyTorch` (also written, in markdown, to
+//! `target/bench/summary.md`).
+//!
+//! - candle: the mean (`mean.point_estimate`) of every criterion benchmark that this run
+//!   measured, read from `target/criterion/<group>/<function>/new/estimates.json`.
+//! - PyTorch: `xtask/bench/torch_reference.py`, run in a virtual environment under
+//!   `target/torch-venv` that is made, and given `torch`, on first use (see [`ensure_torch`]).
+//!   It prints median milliseconds per benchmark id as JSON; ids equal to criterion's are
+//!   compared, the others (no-grad forward, DC's gradient matching) stand in rows of their own.
+//!
+//! When the environment cannot be made (no network, no `python3`), the comparison is skipped
+//! with a note and the candle column is still printed; a failing script is an error.
 
-use std::path::Path;
-use std::process::Command;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
 
 /// (package, bench target) pairs, cheapest first.
-const BENCHES: &[(&str, &str)] = &[("debiasdd-cmnist", "generate")];
+const BENCHES: &[(&str, &str)] = &[
+    ("debiasdd-cmnist", "generate"),
+    ("debiasdd-model", "convnet"),
+];
+
+/// Criterion 0.5 flags for `--quick`. `--quick` stops sampling once the estimate is stable (at
+/// the latest after the measurement time); the times apply to groups that do not set their own.
+const QUICK_CRITERION_ARGS: &[&str] =
+    &["--quick", "--warm-up-time", "1", "--measurement-time", "3"];
+
+/// The pinned PyTorch and the pure-Python packages it imports (its other dependencies are the
+/// CUDA runtime wheels, which a CPU run may not need).
+const TORCH_REQUIREMENT: &str = "torch==2.15.0";
+const TORCH_PURE_DEPS: &[&str] = &[
+    "filelock",
+    "typing-extensions",
+    "sympy",
+    "networkx",
+    "jinja2",
+    "fsspec",
+    "mpmath",
+    "markupsafe",
+];
+/// Imports torch and multiplies on the CPU; prints the version.
+const TORCH_PROBE: &str = "import warnings; warnings.filterwarnings('ignore'); import torch; \
+    assert float(torch.ones(2) @ torch.ones(2)) == 2.0; print(torch.__version__)";
+
+const TORCH_SCRIPT: &str = "xtask/bench/torch_reference.py";
+const VENV_DIR: &str = "target/torch-venv";
+const CRITERION_DIR: &str = "target/criterion";
+const SUMMARY_FILE: &str = "target/bench/summary.md";
+
+/// Environment variables that change how either side's CPU kernels run.
+const THREAD_ENV_VARS: &[&str] = &[
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "RAYON_NUM_THREADS",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Only run benchmarks whose name contains this filter (passed to criterion).
+    /// Only run benchmarks whose id matches this regex (criterion's filter; the PyTorch script
+    /// applies it with Python's `re.search`).
     filter: Option<String>,
+    /// Skip the PyTorch comparison.
+    #[arg(long)]
+    no_torch: bool,
+    /// Short runs: criterion's quick mode, and fewer PyTorch repetitions.
+    #[arg(long)]
+    quick: bool,
+    /// PyTorch timed repetitions per benchmark (median) [default: 10, 3 with --quick].
+    #[arg(long, value_name = "N")]
+    torch_runs: Option<u32>,
+    /// The Python that makes the virtual environment.
+    #[arg(long, env = "DEBIASDD_BENCH_PYTHON", default_value = "python3")]
+    python: String,
 }
 
 pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
+    let started = SystemTime::now();
+    let load_before = load_average();
+    let mut notes = vec![machine_note(), env_note()];
+    notes.extend(busy_warning("the candle benchmarks"));
+    run_criterion(&args, root)?;
+    let candle = collect_candle(&root.join(CRITERION_DIR), started)?;
+    notes.push(format!(
+        "candle: criterion mean{}",
+        if args.quick { " (--quick)" } else { "" }
+    ));
+
+    let (torch, script_error) = if args.no_torch {
+        notes.push("PyTorch: skipped (--no-torch)".into());
+        (None, None)
+    } else {
+        torch_side(&args, root, &mut notes)
+    };
+    notes.push(format!(
+        "load average (1/5/15 min) before: {load_before}, after: {}",
+        load_average()
+    ));
+
+    let torch_results = torch.as_ref().map_or(&[][..], |t| &t.results[..]);
+    let table = format_table(&merge_rows(&candle, torch_results));
+    println!();
+    for note in &notes {
+        println!("{note}");
+    }
+    println!();
+    print!("{table}");
+    let summary = write_summary(root, &notes, &table)?;
+    println!("\nsummary: {}", summary.display());
+    println!("criterion data: {}", root.join(CRITERION_DIR).display());
+
+    match script_error {
+        Some(e) => Err(e.context("the PyTorch reference script failed")),
+        None => Ok(()),
+    }
+}
+
+/// Makes the environment and runs the reference script, adding what happened to `notes`.
+/// Returns the report, or the script's error (after which the table is still printed). An
+/// environment that cannot be made only skips the comparison.
+fn torch_side(
+    args: &BenchArgs,
+    root: &Path,
+    notes: &mut Vec<String>,
+) -> (Option<TorchReport>, Option<anyhow::Error>) {
+    let python = match ensure_torch(&args.python, root) {
+        Ok(python) => python,
+        Err(reason) => {
+            let note = format!("skipping the PyTorch comparison: {reason:#}");
+            println!("{note}");
+            notes.push(note);
+            return (None, None);
+        }
+    };
+    notes.extend(busy_warning("the PyTorch reference"));
+    match run_torch_script(&python, args, root) {
+        Ok(report) => {
+            notes.push(report.note.clone());
+            (Some(report), None)
+        }
+        Err(e) => {
+            notes.push(format!("PyTorch: the reference script failed: {e:#}"));
+            (None, Some(e))
+        }
+    }
+}
+
+/// Runs every criterion bench target of [`BENCHES`].
+fn run_criterion(args: &BenchArgs, root: &Path) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     for (package, bench) in BENCHES {
         println!("== {package} / {bench}");
         let mut cmd = Command::new(&cargo);
         cmd.current_dir(root)
             .args(["bench", "-p", package, "--bench", bench, "--"]);
+        if args.quick {
+            cmd.args(QUICK_CRITERION_ARGS);
+        }
         if let Some(filter) = &args.filter {
             cmd.arg(filter);
         }
@@ -32,9 +175,829 @@ pub fn run(args: BenchArgs, root: &Path) -> Result<()> {
             bail!("{package}/{bench} failed ({status})");
         }
     }
-    println!(
-        "criterion reports: {}",
-        root.join("target/criterion/report/index.html").display()
-    );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// candle: criterion's estimates
+
+/// `(benchmark id, mean ms)` of every criterion benchmark whose estimates were written at or
+/// after `since`, oldest first (the order they ran in).
+fn collect_candle(criterion_dir: &Path, since: SystemTime) -> Result<Vec<(String, f64)>> {
+    let mut found = Vec::new();
+    let mut files = Vec::new();
+    find_estimates(criterion_dir, &mut files)?;
+    for estimates in files {
+        let modified = fs::metadata(&estimates)?.modified()?;
+        if modified < since {
+            continue;
+        }
+        let new_dir = estimates.parent().unwrap_or(criterion_dir);
+        let id = benchmark_id(new_dir, criterion_dir);
+        let text = fs::read_to_string(&estimates)
+            .with_context(|| format!("cannot read {}", estimates.display()))?;
+        let ms = parse_estimates_ms(&text)
+            .with_context(|| format!("cannot parse {}", estimates.display()))?;
+        found.push((modified, id, ms));
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    Ok(found.into_iter().map(|(_, id, ms)| (id, ms)).collect())
+}
+
+/// Every `new/estimates.json` below `dir` (none when `dir` does not exist).
+fn find_estimates(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.is_dir() {
+            find_estimates(&path, out)?;
+        } else if path.file_name().is_some_and(|n| n == "estimates.json")
+            && path
+                .parent()
+                .and_then(Path::file_name)
+                .is_some_and(|n| n == "new")
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The id criterion gave a benchmark: `full_id` of the `benchmark.json` beside its estimates,
+/// else its folder relative to the criterion folder.
+fn benchmark_id(new_dir: &Path, criterion_dir: &Path) -> String {
+    let from_json = fs::read_to_string(new_dir.join("benchmark.json"))
+        .ok()
+        .and_then(|text| Json::parse(&text).ok())
+        .and_then(|json| {
+            json.get("full_id")
+                .and_then(Json::as_str)
+                .map(str::to_owned)
+        });
+    from_json.unwrap_or_else(|| {
+        let bench_dir = new_dir.parent().unwrap_or(new_dir);
+        let relative = bench_dir.strip_prefix(criterion_dir).unwrap_or(bench_dir);
+        relative.to_string_lossy().replace('\\', "/")
+    })
+}
+
+/// `mean.point_estimate` (ns) of a criterion `estimates.json`, in milliseconds.
+fn parse_estimates_ms(text: &str) -> Result<f64> {
+    let json = Json::parse(text)?;
+    let ns = json
+        .get("mean")
+        .and_then(|mean| mean.get("point_estimate"))
+        .and_then(Json::as_f64)
+        .context("no mean.point_estimate")?;
+    Ok(ns / 1e6)
+}
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch: the virtual environment and the reference script
+
+/// Makes `target/torch-venv` if needed and installs torch there unless it already imports.
+/// Returns the environment's Python. First tries `pip install --no-deps` of torch and its
+/// pure-Python dependencies (no CUDA wheels); when torch does not import that way (the Linux
+/// x86-64 wheel on PyPI is a CUDA build that links the CUDA runtime), installs it normally.
+fn ensure_torch(python: &str, root: &Path) -> Result<PathBuf> {
+    let venv = root.join(VENV_DIR);
+    let venv_python = venv.join("bin/python");
+    if !venv_python.exists() {
+        println!("== making {}", venv.display());
+        run_quiet(Command::new(python).args(["-m", "venv"]).arg(&venv))
+            .with_context(|| format!("`{python} -m venv` failed"))?;
+    }
+    if let Ok(version) = torch_probe(&venv_python) {
+        println!("== PyTorch {version} already in {}", venv.display());
+        return Ok(venv_python);
+    }
+
+    println!(
+        "== installing {TORCH_REQUIREMENT} (--no-deps) into {}",
+        venv.display()
+    );
+    pip_install(&venv_python, &["--no-deps", TORCH_REQUIREMENT])?;
+    pip_install(&venv_python, TORCH_PURE_DEPS)?;
+    match torch_probe(&venv_python) {
+        Ok(version) => {
+            println!("== PyTorch {version} imports without its CUDA dependencies");
+            return Ok(venv_python);
+        }
+        Err(e) => println!(
+            "== torch does not import without its dependencies ({}); installing them (CUDA \
+             runtime wheels, several GB)",
+            last_line(&format!("{e:#}"))
+        ),
+    }
+    pip_install(&venv_python, &[TORCH_REQUIREMENT])?;
+    let version = torch_probe(&venv_python).context("torch still does not import")?;
+    println!("== PyTorch {version} installed");
+    Ok(venv_python)
+}
+
+fn pip_install(venv_python: &Path, packages: &[&str]) -> Result<()> {
+    let status = Command::new(venv_python)
+        .args(["-m", "pip", "install", "--disable-pip-version-check"])
+        .args(packages)
+        .status()
+        .context("cannot run pip")?;
+    if !status.success() {
+        bail!(
+            "`pip install {}` failed ({status}; is PyPI reachable?)",
+            packages.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Imports torch with `venv_python` and multiplies two vectors; returns `torch.__version__`.
+fn torch_probe(venv_python: &Path) -> Result<String> {
+    let output = Command::new(venv_python)
+        .args(["-c", TORCH_PROBE])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", venv_python.display()))?;
+    if !output.status.success() {
+        bail!("{}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Runs `cmd`, hiding its output unless it fails.
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let output = cmd.stdin(Stdio::null()).output()?;
+    if !output.status.success() {
+        bail!(
+            "{} ({})",
+            last_line(&String::from_utf8_lossy(&output.stderr)),
+            output.status
+        );
+    }
+    Ok(())
+}
+
+fn last_line(text: &str) -> &str {
+    text.trim().lines().last().unwrap_or("")
+}
+
+/// What the reference script reported.
+#[derive(Debug)]
+struct TorchReport {
+    /// `(benchmark id, median ms)` in the script's order.
+    results: Vec<(String, f64)>,
+    /// One line: version, threads, repetitions.
+    note: String,
+}
+
+fn run_torch_script(python: &Path, args: &BenchArgs, root: &Path) -> Result<TorchReport> {
+    let runs = args.torch_runs.unwrap_or(if args.quick { 3 } else { 10 });
+    let warmup = if args.quick { 1 } else { 3 };
+    println!("== PyTorch reference ({TORCH_SCRIPT}, median of {runs} after {warmup} warm-up)");
+    let mut cmd = Command::new(python);
+    cmd.current_dir(root)
+        .arg(TORCH_SCRIPT)
+        .args(["--runs", &runs.to_string(), "--warmup", &warmup.to_string()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(filter) = &args.filter {
+        cmd.args(["--filter", filter]);
+    }
+    let output = cmd.output().context("cannot run the PyTorch script")?;
+    if !output.status.success() {
+        bail!("{TORCH_SCRIPT} exited with {}", output.status);
+    }
+    parse_torch_report(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// Parses the script's JSON (its last non-empty stdout line).
+fn parse_torch_report(stdout: &str) -> Result<TorchReport> {
+    let json = Json::parse(last_line(stdout)).context("the PyTorch script printed no JSON")?;
+    let Some(Json::Obj(entries)) = json.get("results") else {
+        bail!("no \"results\" object in the PyTorch output");
+    };
+    let results = entries
+        .iter()
+        .map(|(id, ms)| {
+            let ms = ms.as_f64().with_context(|| format!("{id}: not a number"))?;
+            Ok((id.clone(), ms))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let field = |key: &str| {
+        json.get(key)
+            .map_or_else(|| "?".into(), Json::to_plain_string)
+    };
+    let env = match json.get("env") {
+        Some(Json::Obj(vars)) if !vars.is_empty() => vars
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.to_plain_string()))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => "none".into(),
+    };
+    let note = format!(
+        "PyTorch {}: {} threads ({} inter-op, {} CPUs), median of {} after {} warm-up, thread \
+         variables: {env}",
+        field("torch_version"),
+        field("threads"),
+        field("interop_threads"),
+        field("cpu_count"),
+        field("runs"),
+        field("warmup"),
+    );
+    Ok(TorchReport { results, note })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table
+
+/// One line of the table.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    id: String,
+    candle_ms: Option<f64>,
+    torch_ms: Option<f64>,
+}
+
+/// candle's rows in their order, PyTorch's numbers joined by id; a PyTorch-only id goes after
+/// the last row of its group (the part before `/`), or at the end.
+fn merge_rows(candle: &[(String, f64)], torch: &[(String, f64)]) -> Vec<Row> {
+    let mut rows: Vec<Row> = candle
+        .iter()
+        .map(|(id, ms)| Row {
+            id: id.clone(),
+            candle_ms: Some(*ms),
+            torch_ms: None,
+        })
+        .collect();
+    for (id, ms) in torch {
+        if let Some(row) = rows.iter_mut().find(|r| &r.id == id) {
+            row.torch_ms = Some(*ms);
+            continue;
+        }
+        let row = Row {
+            id: id.clone(),
+            candle_ms: None,
+            torch_ms: Some(*ms),
+        };
+        match rows.iter().rposition(|r| group_of(&r.id) == group_of(id)) {
+            Some(last) => rows.insert(last + 1, row),
+            None => rows.push(row),
+        }
+    }
+    rows
+}
+
+fn group_of(id: &str) -> &str {
+    id.split_once('/').map_or(id, |(group, _)| group)
+}
+
+/// Milliseconds with about four significant digits.
+fn format_ms(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{ms:.0}")
+    } else if ms >= 100.0 {
+        format!("{ms:.1}")
+    } else if ms >= 10.0 {
+        format!("{ms:.2}")
+    } else {
+        format!("{ms:.3}")
+    }
+}
+
+/// A markdown table with padded columns (readable in a terminal too), numbers right-aligned.
+fn format_table(rows: &[Row]) -> String {
+    let header = ["benchmark", "candle ms", "PyTorch ms", "candle/PyTorch"];
+    let cells: Vec<[String; 4]> = rows
+        .iter()
+        .map(|row| {
+            let ratio = match (row.candle_ms, row.torch_ms) {
+                (Some(c), Some(t)) if t > 0.0 => format!("{:.2}", c / t),
+                _ => "-".into(),
+            };
+            [
+                row.id.clone(),
+                row.candle_ms.map_or_else(|| "-".into(), format_ms),
+                row.torch_ms.map_or_else(|| "-".into(), format_ms),
+                ratio,
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for line in &cells {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| {:<w0$} | {:>w1$} | {:>w2$} | {:>w3$} |",
+        header[0],
+        header[1],
+        header[2],
+        header[3],
+        w0 = widths[0],
+        w1 = widths[1],
+        w2 = widths[2],
+        w3 = widths[3]
+    );
+    let _ = writeln!(
+        out,
+        "| {} | {}: | {}: | {}: |",
+        "-".repeat(widths[0]),
+        "-".repeat(widths[1] - 1),
+        "-".repeat(widths[2] - 1),
+        "-".repeat(widths[3] - 1)
+    );
+    for [id, candle, torch, ratio] in &cells {
+        let _ = writeln!(
+            out,
+            "| {id:<w0$} | {candle:>w1$} | {torch:>w2$} | {ratio:>w3$} |",
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
+    }
+    out
+}
+
+/// Writes the notes and the table to [`SUMMARY_FILE`]; returns its path.
+fn write_summary(root: &Path, notes: &[String], table: &str) -> Result<PathBuf> {
+    let path = root.join(SUMMARY_FILE);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut text = String::from("# cargo xtask bench\n\n");
+    for note in notes {
+        let _ = writeln!(text, "- {note}");
+    }
+    text.push('\n');
+    text.push_str(table);
+    fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+fn machine_note() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    format!(
+        "machine: {cpu}, {cpus} logical CPUs (candle's CPU backend uses all unless RAYON_NUM_THREADS says otherwise)"
+    )
+}
+
+fn env_note() -> String {
+    let set: Vec<String> = THREAD_ENV_VARS
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .collect();
+    if set.is_empty() {
+        format!(
+            "thread/BLAS variables: none set ({})",
+            THREAD_ENV_VARS.join(", ")
+        )
+    } else {
+        format!("thread/BLAS variables: {}", set.join(" "))
+    }
+}
+
+/// A warning when other processes kept the CPUs more than a quarter busy during the second
+/// before `what` starts: both sides use every core, so timings taken beside a build are not
+/// comparable (PyTorch's OpenMP threads in particular slow down several-fold when a core is
+/// taken).
+fn busy_warning(what: &str) -> Option<String> {
+    let busy = cpu_busy_fraction(std::time::Duration::from_secs(1))?;
+    let note = format!(
+        "warning: the CPUs were {:.0}% busy just before {what}: its timings are not reliable",
+        busy * 100.0
+    );
+    (busy > 0.25).then(|| {
+        println!("{note}");
+        note
+    })
+}
+
+/// The fraction of CPU time, over all CPUs, spent other than idle or waiting for I/O during
+/// `window` (Linux only).
+fn cpu_busy_fraction(window: std::time::Duration) -> Option<f64> {
+    let read = || -> Option<(u64, u64)> {
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        parse_cpu_times(stat.lines().next()?)
+    };
+    let (busy0, total0) = read()?;
+    std::thread::sleep(window);
+    let (busy1, total1) = read()?;
+    let total = total1.checked_sub(total0).filter(|&t| t > 0)?;
+    Some(busy1.saturating_sub(busy0) as f64 / total as f64)
+}
+
+/// (busy, total) jiffies of the aggregate `cpu` line of `/proc/stat`; idle and iowait are the
+/// fourth and fifth numbers.
+fn parse_cpu_times(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let times: Vec<u64> = fields.map(str::parse).collect::<Result<_, _>>().ok()?;
+    if times.len() < 5 {
+        return None;
+    }
+    let total: u64 = times.iter().take(8).sum();
+    Some((total - times[3] - times[4], total))
+}
+
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small JSON reader (criterion's estimates and the script's report), to keep xtask's
+// dependencies as they are.
+
+#[derive(Debug, Clone, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    /// Members in document order.
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    fn parse(text: &str) -> Result<Json> {
+        let mut parser = JsonParser {
+            bytes: text.as_bytes(),
+            pos: 0,
+        };
+        let value = parser.value()?;
+        parser.skip_ws();
+        if parser.pos != parser.bytes.len() {
+            bail!("trailing characters at byte {}", parser.pos);
+        }
+        Ok(value)
+    }
+
+    fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Json::Num(x) => Some(*x),
+            _ => None,
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Strings without quotes, numbers as Rust prints them, anything else as `?`.
+    fn to_plain_string(&self) -> String {
+        match self {
+            Json::Str(s) => s.clone(),
+            Json::Num(x) => x.to_string(),
+            Json::Bool(b) => b.to_string(),
+            _ => "?".into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct JsonParser<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl JsonParser<'_> {
+    fn skip_ws(&mut self) {
+        while self
+            .bytes
+            .get(self.pos)
+            .is_some_and(|b| b.is_ascii_whitespace())
+        {
+            self.pos += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Result<u8> {
+        self.skip_ws();
+        self.bytes
+            .get(self.pos)
+            .copied()
+            .context("unexpected end of JSON")
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<()> {
+        if self.peek()? != byte {
+            bail!("expected '{}' at byte {}", byte as char, self.pos);
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &str, value: Json) -> Result<Json> {
+        if !self.bytes[self.pos..].starts_with(word.as_bytes()) {
+            bail!("bad literal at byte {}", self.pos);
+        }
+        self.pos += word.len();
+        Ok(value)
+    }
+
+    fn value(&mut self) -> Result<Json> {
+        match self.peek()? {
+            b'{' => self.object(),
+            b'[' => self.array(),
+            b'"' => self.string().map(Json::Str),
+            b't' => self.literal("true", Json::Bool(true)),
+            b'f' => self.literal("false", Json::Bool(false)),
+            b'n' => self.literal("null", Json::Null),
+            _ => self.number(),
+        }
+    }
+
+    fn object(&mut self) -> Result<Json> {
+        self.expect(b'{')?;
+        let mut members = Vec::new();
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            return Ok(Json::Obj(members));
+        }
+        loop {
+            let key = self.string()?;
+            self.expect(b':')?;
+            members.push((key, self.value()?));
+            match self.peek()? {
+                b',' => self.pos += 1,
+                b'}' => {
+                    self.pos += 1;
+                    return Ok(Json::Obj(members));
+                }
+                _ => bail!("expected ',' or '}}' at byte {}", self.pos),
+            }
+        }
+    }
+
+    fn array(&mut self) -> Result<Json> {
+        self.expect(b'[')?;
+        let mut items = Vec::new();
+        if self.peek()? == b']' {
+            self.pos += 1;
+            return Ok(Json::Arr(items));
+        }
+        loop {
+            items.push(self.value()?);
+            match self.peek()? {
+                b',' => self.pos += 1,
+                b']' => {
+                    self.pos += 1;
+                    return Ok(Json::Arr(items));
+                }
+                _ => bail!("expected ',' or ']' at byte {}", self.pos),
+            }
+        }
+    }
+
+    fn number(&mut self) -> Result<Json> {
+        let start = self.pos;
+        while self
+            .bytes
+            .get(self.pos)
+            .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'))
+        {
+            self.pos += 1;
+        }
+        let text = std::str::from_utf8(&self.bytes[start..self.pos])?;
+        let x: f64 = text
+            .parse()
+            .with_context(|| format!("bad number {text:?} at byte {start}"))?;
+        Ok(Json::Num(x))
+    }
+
+    fn string(&mut self) -> Result<String> {
+        self.expect(b'"')?;
+        let mut out = Vec::new();
+        loop {
+            let byte = *self.bytes.get(self.pos).context("unterminated string")?;
+            self.pos += 1;
+            match byte {
+                b'"' => return Ok(String::from_utf8(out)?),
+                b'\\' => {
+                    let escape = *self.bytes.get(self.pos).context("unterminated escape")?;
+                    self.pos += 1;
+                    let c = match escape {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => self.unicode_escape()?,
+                        other => bail!("bad escape '\\{}'", other as char),
+                    };
+                    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+                }
+                _ => out.push(byte),
+            }
+        }
+    }
+
+    /// The character of `\uXXXX` (the `\u` already read), joining surrogate pairs.
+    fn unicode_escape(&mut self) -> Result<char> {
+        let high = self.hex4()?;
+        let code = if (0xD800..0xDC00).contains(&high) && self.bytes[self.pos..].starts_with(b"\\u")
+        {
+            self.pos += 2;
+            let low = self.hex4()?;
+            0x10000 + ((high - 0xD800) << 10) + (low.wrapping_sub(0xDC00) & 0x3FF)
+        } else {
+            high
+        };
+        Ok(char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER))
+    }
+
+    fn hex4(&mut self) -> Result<u32> {
+        let digits = self
+            .bytes
+            .get(self.pos..self.pos + 4)
+            .context("short \\u escape")?;
+        self.pos += 4;
+        Ok(u32::from_str_radix(std::str::from_utf8(digits)?, 16)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A criterion 0.5 `estimates.json`, as written for a 1.58 s benchmark.
+    const ESTIMATES: &str = r#"{"mean":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1530625857.0,"upper_bound":1635866044.75},"point_estimate":1584863814.2,"standard_error":26948285.99154696},"median":{"confidence_interval":{"confidence_level":0.95,"lower_bound":1505105256.5,"upper_bound":1674734767.5},"point_estimate":1587073444.5,"standard_error":46341183.25692984},"slope":null,"std_dev":{"confidence_interval":{"confidence_level":0.95,"lower_bound":5.3e7,"upper_bound":1.07e8},"point_estimate":89705445.57,"standard_error":13768065.69}}"#;
+
+    #[test]
+    fn estimates_give_the_mean_in_ms() {
+        let ms = parse_estimates_ms(ESTIMATES).unwrap();
+        assert!((ms - 1584.8638142).abs() < 1e-6, "{ms}");
+        assert!(parse_estimates_ms(r#"{"median":{"point_estimate":1}}"#).is_err());
+        assert!(parse_estimates_ms("{\"mean\":").is_err());
+    }
+
+    #[test]
+    fn json_reader_handles_the_usual_forms() {
+        let json = Json::parse(
+            " {\"a\": [1, -2.5e3, true, false, null], \"s\": \"x\\\"y\\u00e9\\ud83d\\ude00\", \
+             \"o\": {}} ",
+        )
+        .unwrap();
+        assert_eq!(
+            json.get("a"),
+            Some(&Json::Arr(vec![
+                Json::Num(1.0),
+                Json::Num(-2500.0),
+                Json::Bool(true),
+                Json::Bool(false),
+                Json::Null
+            ]))
+        );
+        assert_eq!(json.get("s").and_then(Json::as_str), Some("x\"yé😀"));
+        assert_eq!(json.get("o"), Some(&Json::Obj(vec![])));
+        assert!(Json::parse("{} x").is_err());
+        assert!(Json::parse("[1,]").is_err());
+    }
+
+    #[test]
+    fn torch_report_keeps_the_script_order() {
+        let stdout = "noise\n{\"torch_version\": \"2.15.0+cu132\", \"threads\": 2, \
+            \"interop_threads\": 2, \"cpu_count\": 2, \"runs\": 3, \"warmup\": 1, \
+            \"env\": {\"OPENBLAS_CORETYPE\": \"Haswell\"}, \"results\": \
+            {\"g/forward\": 12.5, \"g/forward_nograd\": 10.0, \"dc/one_class\": 99.0}}\n";
+        let report = parse_torch_report(stdout).unwrap();
+        let ids: Vec<&str> = report.results.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["g/forward", "g/forward_nograd", "dc/one_class"]);
+        assert!(
+            report.note.contains("PyTorch 2.15.0+cu132: 2 threads"),
+            "{}",
+            report.note
+        );
+        assert!(
+            report.note.contains("OPENBLAS_CORETYPE=Haswell"),
+            "{}",
+            report.note
+        );
+        assert!(parse_torch_report("not json\n").is_err());
+    }
+
+    #[test]
+    fn rows_join_by_id_and_torch_only_ids_follow_their_group() {
+        let candle = [
+            ("cmnist/load".to_owned(), 3.0),
+            ("net_w8/forward".to_owned(), 10.0),
+            ("net_w8/forward_backward".to_owned(), 30.0),
+        ];
+        let torch = [
+            ("net_w8/forward".to_owned(), 5.0),
+            ("net_w8/forward_nograd".to_owned(), 4.0),
+            ("net_w8/forward_backward".to_owned(), 20.0),
+            ("dc_w8/one_class".to_owned(), 50.0),
+        ];
+        let rows = merge_rows(&candle, &torch);
+        let summary: Vec<(&str, Option<f64>, Option<f64>)> = rows
+            .iter()
+            .map(|r| (r.id.as_str(), r.candle_ms, r.torch_ms))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("cmnist/load", Some(3.0), None),
+                ("net_w8/forward", Some(10.0), Some(5.0)),
+                ("net_w8/forward_backward", Some(30.0), Some(20.0)),
+                ("net_w8/forward_nograd", None, Some(4.0)),
+                ("dc_w8/one_class", None, Some(50.0)),
+            ]
+        );
+    }
+
+    #[test]
+    fn table_is_aligned_markdown_with_ratios() {
+        let rows = [
+            Row {
+                id: "net/forward".into(),
+                candle_ms: Some(1584.86),
+                torch_ms: Some(792.43),
+            },
+            Row {
+                id: "net/forward_nograd".into(),
+                candle_ms: None,
+                torch_ms: Some(0.5),
+            },
+        ];
+        let expected = "\
+| benchmark          | candle ms | PyTorch ms | candle/PyTorch |
+| ------------------ | --------: | ---------: | -------------: |
+| net/forward        |      1585 |      792.4 |           2.00 |
+| net/forward_nograd |         - |      0.500 |              - |
+";
+        assert_eq!(format_table(&rows), expected);
+        assert_eq!(format_ms(12.345), "12.35");
+        assert_eq!(format_ms(1.5), "1.500");
+    }
+
+    #[test]
+    fn requirements_note_pins_the_same_torch() {
+        let note = include_str!("../bench/requirements.txt");
+        assert!(note.lines().any(|l| l.trim() == TORCH_REQUIREMENT));
+    }
+
+    #[test]
+    fn cpu_times_count_idle_and_iowait_as_free() {
+        let line = "cpu  100 5 50 800 20 3 2 0 0 0";
+        assert_eq!(parse_cpu_times(line), Some((160, 980)));
+        assert_eq!(parse_cpu_times("cpu0 1 2 3 4 5"), None);
+        assert_eq!(parse_cpu_times("cpu 1 2"), None);
+    }
+
+    #[test]
+    fn estimates_are_found_only_in_new_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let new_dir = dir.path().join("grp/fun/new");
+        fs::create_dir_all(&new_dir).unwrap();
+        fs::create_dir_all(dir.path().join("grp/fun/base")).unwrap();
+        fs::write(new_dir.join("estimates.json"), ESTIMATES).unwrap();
+        fs::write(dir.path().join("grp/fun/base/estimates.json"), ESTIMATES).unwrap();
+        let found = collect_candle(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, "grp/fun");
+        assert!((found[0].1 - 1584.86).abs() < 0.01);
+        let later = SystemTime::now() + std::time::Duration::from_secs(3600);
+        assert!(collect_candle(dir.path(), later).unwrap().is_empty());
+        assert!(
+            collect_candle(&dir.path().join("missing"), SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .is_empty()
+        );
+    }
 }

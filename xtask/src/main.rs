@@ -25,7 +25,7 @@ enum Task {
     Download(download::Args),
     /// Verify MNIST, then build Colored MNIST for every protocol ratio with preview PNGs.
     Cmnist(cmnist::CmnistArgs),
-    /// Run the criterion benchmarks (release mode).
+    /// Run the criterion benchmarks (release mode) next to PyTorch CPU on the same network.
     Bench(bench::BenchArgs),
 }
 

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""PyTorch (CPU, float32) reference timings for `cargo xtask bench`.
+
+Times the same work as the candle criterion bench `crates/model/benches/convnet.rs`, plus one
+step of Dataset Condensation's gradient matching, and prints one JSON object to stdout:
+
+    {"torch_version": "...", "threads": 2, ..., "results": {"<benchmark id>": ms, ...}}
+
+Benchmark ids (median milliseconds per call) for each width W in (128, 32):
+
+  convnet_wW_b256_cpu/forward           forward in train mode, autograd on (as in training)
+  convnet_wW_b256_cpu/forward_nograd    the same forward under torch.no_grad()
+  convnet_wW_b256_cpu/forward_backward  forward + cross-entropy + loss.backward()
+  dc_matching_wW/one_class              DC's inner step for one class: gradients of a real batch
+                                        of 256 and of 10 synthetic images, the layer-wise cosine
+                                        distance between them ("ours"), and its backward to the
+                                        synthetic images (double backward)
+
+The network is DC's ConvNet (VICO-UoE/DatasetCondensation, networks.py) with the defaults of
+debiasdd: 3 blocks of conv3x3(W) -> GroupNorm(W, W) (DC's "instancenorm") -> ReLU -> avgpool 2x2,
+then linear(W*4*4 -> 10). The first conv pads by 3 so that a 28x28 input becomes 32x32 (whatever
+the channel count, as in debiasdd), giving 32 -> 16 -> 8 -> 4. Inputs are 3x28x28.
+
+Progress goes to stderr. Only the standard library and torch are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable
+
+# The CUDA wheel of torch warns at import when numpy is absent; numpy is not needed here.
+warnings.filterwarnings("ignore", message=".*Failed to initialize NumPy.*")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+BATCH = 256
+CHANNELS = 3
+IMAGE = 28
+CLASSES = 10
+DEPTH = 3
+SYN_PER_CLASS = 10
+WIDTHS = (128, 32)
+# Environment variables that change how the CPU kernels run; echoed into the output.
+ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "RAYON_NUM_THREADS",
+)
+
+
+def conv_net(width: int) -> nn.Sequential:
+    """DC's ConvNet (instancenorm, relu, avgpooling, depth 3) for 3x28x28 inputs."""
+    layers: list[nn.Module] = []
+    in_channels = CHANNELS
+    size = IMAGE
+    for d in range(DEPTH):
+        padding = 3 if d == 0 else 1
+        layers += [
+            nn.Conv2d(in_channels, width, kernel_size=3, padding=padding),
+            nn.GroupNorm(width, width, eps=1e-5, affine=True),
+            nn.ReLU(inplace=True),  # as in DC
+            nn.AvgPool2d(kernel_size=2, stride=2),
+        ]
+        size = (size + 2 * padding - 2) // 2
+        in_channels = width
+    if size != 4:
+        raise AssertionError(f"expected 4x4 final feature maps, got {size}x{size}")
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * size * size, CLASSES))
+
+
+def distance_wb(gwr: torch.Tensor, gws: torch.Tensor) -> torch.Tensor:
+    """DC's layer-wise distance ("ours"): sum over output units of 1 - cos, 1-D tensors skipped."""
+    shape = gwr.shape
+    if len(shape) == 1:
+        return torch.zeros((), dtype=gwr.dtype)
+    gwr = gwr.reshape(shape[0], -1)
+    gws = gws.reshape(shape[0], -1)
+    cos = torch.sum(gwr * gws, dim=-1) / (
+        torch.norm(gwr, dim=-1) * torch.norm(gws, dim=-1) + 0.000001
+    )
+    return torch.sum(1 - cos)
+
+
+def match_loss(gw_syn: list[torch.Tensor], gw_real: list[torch.Tensor]) -> torch.Tensor:
+    dis = torch.zeros(())
+    for gwr, gws in zip(gw_real, gw_syn):
+        dis = dis + distance_wb(gwr, gws)
+    return dis
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
+    """Median wall time of `fn` in milliseconds over `runs` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def cases(width: int) -> dict[str, Callable[[], object]]:
+    """The timed closures for one width, keyed by benchmark id."""
+    torch.manual_seed(0)
+    net = conv_net(width).train()
+    params = list(net.parameters())
+    images = torch.rand(BATCH, CHANNELS, IMAGE, IMAGE)
+    labels = torch.arange(BATCH) % CLASSES
+    # One class of DC: a real batch of that class and its synthetic images.
+    real = torch.rand(BATCH, CHANNELS, IMAGE, IMAGE)
+    real_labels = torch.zeros(BATCH, dtype=torch.long)
+    syn = torch.randn(SYN_PER_CLASS, CHANNELS, IMAGE, IMAGE, requires_grad=True)
+    syn_labels = torch.zeros(SYN_PER_CLASS, dtype=torch.long)
+
+    def forward() -> object:
+        return net(images)
+
+    def forward_nograd() -> object:
+        with torch.no_grad():
+            return net(images)
+
+    def forward_backward() -> object:
+        net.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(net(images), labels)
+        loss.backward()
+        return loss
+
+    def dc_matching() -> object:
+        loss_real = F.cross_entropy(net(real), real_labels)
+        gw_real = torch.autograd.grad(loss_real, params)
+        gw_real = [g.detach().clone() for g in gw_real]
+        loss_syn = F.cross_entropy(net(syn), syn_labels)
+        gw_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
+        loss = match_loss(gw_syn, gw_real)
+        syn.grad = None
+        net.zero_grad(set_to_none=True)
+        loss.backward()  # as DC: into the synthetic images (and the net's .grad, unused)
+        if syn.grad is None or not torch.isfinite(syn.grad).all():
+            raise AssertionError("no finite gradient reached the synthetic images")
+        return loss
+
+    group = f"convnet_w{width}_b{BATCH}_cpu"
+    return {
+        f"{group}/forward": forward,
+        f"{group}/forward_nograd": forward_nograd,
+        f"{group}/forward_backward": forward_backward,
+        f"dc_matching_w{width}/one_class": dc_matching,
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10, help="timed calls per benchmark (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--filter", default=None, help="regex: only ids it matches (re.search)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default os.cpu_count())"
+    )
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        parser.error("--runs must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    pattern = re.compile(args.filter) if args.filter else None
+
+    results: dict[str, float] = {}
+    for width in WIDTHS:
+        for name, fn in cases(width).items():
+            if pattern and not pattern.search(name):
+                continue
+            ms = median_ms(fn, args.runs, args.warmup)
+            results[name] = round(ms, 3)
+            print(f"torch: {name}: {ms:.2f} ms (median of {args.runs})", file=sys.stderr)
+
+    report = {
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+        "results": results,
+    }
+    json.dump(report, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
