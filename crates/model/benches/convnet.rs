@@ -1,0 +1,62 @@
+//! ConvNet throughput on the CPU: forward, and forward + backward of the cross-entropy loss, for
+//! a batch of 256 3x28x28 images in f32, at width 128 (DC's default) and 32. Reported in
+//! images/s.
+//!
+//! `cargo bench -p debiasdd-model --bench convnet`
+
+#![allow(missing_debug_implementations)]
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::hint::black_box;
+use std::time::Duration;
+
+const BATCH: usize = 256;
+
+fn setup(width: usize, device: &Device) -> candle_core::Result<(Network, Tensor, Tensor)> {
+    let config = ModelConfig::ConvNet(ConvNetConfig {
+        width,
+        ..ConvNetConfig::default()
+    });
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let net =
+        Network::new(&config, &mut rng, device, DType::F32).map_err(candle_core::Error::wrap)?;
+    let images = Tensor::rand(0f32, 1., (BATCH, 3, 28, 28), device)?;
+    let labels = Tensor::from_vec((0..BATCH as u32).map(|i| i % 10).collect(), BATCH, device)?;
+    Ok((net, images, labels))
+}
+
+fn bench_convnet(c: &mut Criterion) {
+    let device = Device::Cpu;
+    for width in [128, 32] {
+        let (net, images, labels) = setup(width, &device).expect("setup");
+        let mut group = c.benchmark_group(format!("convnet_w{width}_b{BATCH}_cpu"));
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group.sample_size(10);
+        group.warm_up_time(Duration::from_secs(2));
+        group.measurement_time(Duration::from_secs(if width == 128 { 30 } else { 10 }));
+        group.bench_function("forward", |b| {
+            b.iter(|| {
+                let logits = net.forward_t(black_box(&images), true).unwrap();
+                device.synchronize().unwrap();
+                logits
+            })
+        });
+        group.bench_function("forward_backward", |b| {
+            b.iter(|| {
+                let logits = net.forward_t(black_box(&images), true).unwrap();
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+                let grads = loss.backward().unwrap();
+                device.synchronize().unwrap();
+                grads
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_convnet);
+criterion_main!(benches);

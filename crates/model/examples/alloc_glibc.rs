@@ -1,0 +1,3 @@
+#![allow(clippy::print_stdout)]
+include!("alloc_common.rs");
+fn main() { run("glibc").unwrap() }

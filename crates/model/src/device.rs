@@ -1,0 +1,57 @@
+//! Turning `--device cpu|cuda[:N]|metal[:N]` into a candle `Device`, with an error that says
+//! which feature to rebuild with. The only place that knows which backends were compiled in.
+
+use candle_core::Device;
+
+use crate::error::ModelError;
+
+/// Parses a device name. `cuda` and `metal` take an optional ordinal (`cuda:1`).
+pub fn parse_device(name: &str) -> Result<Device, ModelError> {
+    let err = |reason: &str| ModelError::Device {
+        spec: name.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (kind, ordinal) = match name.split_once(':') {
+        Some((kind, n)) => {
+            let ordinal = n
+                .parse::<usize>()
+                .map_err(|_| err("the device number must be an integer"))?;
+            (kind, ordinal)
+        }
+        None => (name, 0),
+    };
+    match kind {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if candle_core::utils::cuda_is_available() => {
+            Device::new_cuda(ordinal).map_err(|e| err(&format!("cannot open it: {e}")))
+        }
+        "cuda" => Err(err(
+            "this build has no CUDA support: rebuild with `--features cuda` (see README)",
+        )),
+        "metal" if candle_core::utils::metal_is_available() => {
+            Device::new_metal(ordinal).map_err(|e| err(&format!("cannot open it: {e}")))
+        }
+        "metal" => Err(err(
+            "this build has no Metal support: rebuild with `--features metal` on macOS",
+        )),
+        _ => Err(err("unknown device: use cpu, cuda[:N] or metal[:N]")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_parses_and_others_explain_themselves() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("cpu, cuda"), "{err}");
+        let err = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(err.contains("integer"), "{err}");
+        if !candle_core::utils::cuda_is_available() {
+            let err = parse_device("cuda").unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+    }
+}
