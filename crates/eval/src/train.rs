@@ -1,0 +1,235 @@
+//! The DC training protocol for a fresh network on a (small or large) training set.
+//!
+//! As the official DC code's `evaluate_synset`: SGD (lr 0.01, momentum 0.9, weight decay 5e-4),
+//! mini-batches of 256 reshuffled every epoch, epochs `0..=E` (E + 1 passes, as
+//! `range(Epoch + 1)`), and after epoch `E / 2 + 1` the learning rate drops x0.1 with a fresh
+//! optimiser (DC builds a new `torch.optim.SGD`, so momentum restarts). Each training batch is
+//! augmented (DC augmentation, [`crate::augment`]) unless augmentation is off. Group-balanced
+//! training draws each epoch's samples with replacement, weighted so that every non-empty group
+//! has the same total weight (`debiasdd_groups::GroupIndex::balanced_weights`).
+
+use candle_core::{D, DType, Device, Tensor};
+use debiasdd_groups::{GroupIndex, GroupSpec};
+use debiasdd_model::Network;
+use debiasdd_model::optim::{Sgd, SgdConfig};
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::Augment;
+use crate::data::{ImageSet, Normalization};
+use crate::error::EvalError;
+
+/// How each epoch's samples are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sampling {
+    /// Every sample once per epoch, in a fresh random order (plain ERM).
+    #[default]
+    Shuffle,
+    /// As many draws as samples, with replacement, weighted so every non-empty group weighs
+    /// the same (group-balanced ERM). Needs group annotations.
+    GroupBalanced,
+}
+
+/// Hyper-parameters of one training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// E: the run makes E + 1 passes, as the DC code.
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub sgd: SgdConfig,
+    /// Learning-rate factor applied after epoch `E / 2 + 1`.
+    pub lr_decay: f64,
+    pub augment: Augment,
+    pub sampling: Sampling,
+}
+
+impl Default for TrainConfig {
+    /// The DC protocol on MNIST: 1000 epochs with augmentation.
+    fn default() -> Self {
+        Self {
+            epochs: 1000,
+            batch_size: 256,
+            sgd: SgdConfig {
+                lr: 0.01,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                nesterov: false,
+            },
+            lr_decay: 0.1,
+            augment: Augment::default(),
+            sampling: Sampling::Shuffle,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The DC protocol: E = 1000 with augmentation, 300 without.
+    pub fn dc(augment: bool) -> Self {
+        if augment {
+            Self::default()
+        } else {
+            Self {
+                epochs: 300,
+                augment: Augment::None,
+                ..Self::default()
+            }
+        }
+    }
+
+    /// The epoch after which the learning rate drops (DC: `Epoch // 2 + 1`).
+    pub fn decay_epoch(&self) -> usize {
+        self.epochs / 2 + 1
+    }
+
+    pub fn validate(&self) -> Result<(), EvalError> {
+        if self.batch_size == 0 {
+            return Err(EvalError::InvalidConfig(
+                "batch size 0: use at least 1 (the protocol uses 256)".into(),
+            ));
+        }
+        if !(self.lr_decay.is_finite() && self.lr_decay > 0.0) {
+            return Err(EvalError::InvalidConfig(format!(
+                "lr decay {} must be a positive factor",
+                self.lr_decay
+            )));
+        }
+        self.sgd.validate()?;
+        if let Augment::Dc(config) = &self.augment {
+            config.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// What a training run reports after each epoch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochReport {
+    /// 0-based; the last epoch is `epochs` (E + 1 passes).
+    pub epoch: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    /// Mean cross-entropy over the epoch's samples.
+    pub loss: f64,
+    /// Training accuracy over the epoch's (augmented) samples, percent.
+    pub accuracy: f64,
+}
+
+/// Trains `net` in place on `set` with the DC protocol; every random choice (order, balanced
+/// draws, augmentation) comes from `seed`. `on_epoch` sees each epoch's report (progress bars,
+/// logs). Returns the last epoch's report.
+pub fn train_network(
+    net: &Network,
+    set: &ImageSet,
+    norm: &Normalization,
+    config: &TrainConfig,
+    seed: u64,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<EpochReport, EvalError> {
+    config.validate()?;
+    if set.is_empty() {
+        return Err(EvalError::EmptyTrainingSet);
+    }
+    let n = set.len();
+    let (images, labels) = set.to_tensors(norm, &Device::Cpu, DType::F32)?;
+    let images: Vec<f32> = images.flatten_all()?.to_vec1()?;
+    let labels: Vec<u32> = labels.to_vec1()?;
+    let weights = match config.sampling {
+        Sampling::Shuffle => None,
+        Sampling::GroupBalanced => Some(balanced_sampler(set)?),
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut lr = config.sgd.lr;
+    let mut sgd = Sgd::new(net.vars(), config.sgd)?;
+    let per_image = images.len() / n;
+    let mut last = None;
+    for epoch in 0..=config.epochs {
+        let order: Vec<usize> = match &weights {
+            None => {
+                let mut order: Vec<usize> = (0..n).collect();
+                order.shuffle(&mut rng);
+                order
+            }
+            Some(dist) => (0..n).map(|_| dist.sample(&mut rng)).collect(),
+        };
+        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+        for batch in order.chunks(config.batch_size) {
+            let mut xs = Vec::with_capacity(batch.len() * per_image);
+            for &i in batch {
+                xs.extend_from_slice(&images[i * per_image..(i + 1) * per_image]);
+            }
+            let shape = (batch.len(), 3, 28, 28);
+            config.augment.apply(&mut xs, shape, rng.random());
+            let xs = Tensor::from_vec(xs, shape, net.device())?.to_dtype(net.dtype())?;
+            let ys: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
+            let ys = Tensor::from_vec(ys, batch.len(), net.device())?;
+            let logits = net.forward_t(&xs, true)?;
+            let loss = cross_entropy(&logits, &ys)?;
+            sgd.backward_step(&loss)?;
+            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss_value.is_finite() {
+                return Err(EvalError::NonFiniteLoss { epoch, lr });
+            }
+            loss_sum += loss_value * batch.len() as f64;
+            let predicted = logits.argmax(D::Minus1)?;
+            correct += predicted
+                .eq(&ys)?
+                .to_dtype(DType::U32)?
+                .sum_all()?
+                .to_scalar::<u32>()? as usize;
+        }
+        let report = EpochReport {
+            epoch,
+            epochs: config.epochs,
+            lr,
+            loss: loss_sum / n as f64,
+            accuracy: 100.0 * correct as f64 / n as f64,
+        };
+        on_epoch(&report);
+        last = Some(report);
+        if epoch == config.decay_epoch() {
+            lr *= config.lr_decay;
+            sgd = Sgd::new(net.vars(), SgdConfig { lr, ..config.sgd })?;
+        }
+    }
+    Ok(last.expect("at least one epoch runs"))
+}
+
+/// Mean cross-entropy of `logits` (N x C) against class ids (N, u32).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+    let log_probs = candle_core::Tensor::log_sum_exp(logits, D::Minus1)?;
+    let picked = logits.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?;
+    (log_probs - picked)?.mean_all()
+}
+
+fn balanced_sampler(set: &ImageSet) -> Result<WeightedIndex<f64>, EvalError> {
+    let groups: Vec<u16> = set
+        .groups
+        .iter()
+        .map(|g| g.ok_or(EvalError::MissingGroups))
+        .collect::<Result<_, _>>()?;
+    let index = GroupIndex::from_group_ids(GroupSpec::COLORED_MNIST, &groups)
+        .map_err(|e| EvalError::InvalidConfig(e.to_string()))?;
+    WeightedIndex::new(index.balanced_weights())
+        .map_err(|e| EvalError::InvalidConfig(format!("balanced weights: {e}")))
+}
+
+/// Predicted class of every image of `set`, in eval mode, batch by batch.
+pub fn predict(net: &Network, set: &ImageSet, norm: &Normalization) -> Result<Vec<u8>, EvalError> {
+    const BATCH: usize = 500;
+    let mut predictions = Vec::with_capacity(set.len());
+    let indices: Vec<usize> = (0..set.len()).collect();
+    for chunk in indices.chunks(BATCH) {
+        let part = set.subset(chunk);
+        let (xs, _) = part.to_tensors(norm, net.device(), net.dtype())?;
+        let logits = net.forward_t(&xs, false)?;
+        let classes: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        predictions.extend(classes.into_iter().map(|c| c as u8));
+    }
+    Ok(predictions)
+}
