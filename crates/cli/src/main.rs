@@ -6,9 +6,19 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod evaluate;
 mod generate;
+mod net_args;
+mod progress;
+mod train;
 
 use std::process::ExitCode;
+
+/// candle allocates a fresh buffer for every op; glibc's malloc returns large ones to the OS each
+/// time (mmap/munmap, page faults), which cost as much system time as the arithmetic itself.
+/// mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +40,10 @@ struct Cli {
 enum Command {
     /// Build a Colored MNIST from grey MNIST files and save it as one safetensors file.
     Generate(generate::GenerateArgs),
+    /// Train networks on a Colored MNIST train split (ERM or group-balanced ERM) and score them.
+    Train(train::TrainArgs),
+    /// Train K fresh networks on a synthetic set with the DC protocol and score them.
+    Evaluate(evaluate::EvaluateArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -51,6 +65,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,66 @@
+//! `debiasdd evaluate`: trains K fresh networks on a synthetic (distilled or subset) set with the
+//! DC protocol and scores them on the unbiased test split of a Colored MNIST file.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use debiasdd_eval::data::SyntheticSet;
+use debiasdd_eval::evaluate::evaluate;
+
+use crate::net_args::{NetArgs, eval_config, write_json};
+use crate::progress::{EvalBar, print_summary};
+
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// Colored MNIST file (its test split is scored).
+    #[arg(long)]
+    data: PathBuf,
+    /// Synthetic-set file (from `debiasdd distill`, or a real subset).
+    #[arg(long)]
+    synthetic: PathBuf,
+    #[command(flatten)]
+    net: NetArgs,
+    /// K: networks trained and scored.
+    #[arg(long, default_value_t = 5)]
+    models: usize,
+    /// Training epochs [default: the DC protocol's 1000 with augmentation, 300 without].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Train without the DC augmentation.
+    #[arg(long)]
+    no_augment: bool,
+    /// Report as JSON.
+    #[arg(long)]
+    json: PathBuf,
+    /// Per-group test accuracy heat map (PNG).
+    #[arg(long)]
+    heatmap: Option<PathBuf>,
+}
+
+pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
+    let device = args.net.device()?;
+    let data = debiasdd_cmnist::io::load(&args.data)?;
+    let synthetic = SyntheticSet::load(&args.synthetic)?;
+    let config = eval_config(&args.net, args.models, args.epochs, !args.no_augment)?;
+    let bar = EvalBar::new(config.n_models, config.train.epochs);
+    let report = evaluate(
+        &synthetic.set,
+        &synthetic.norm,
+        &data.test,
+        &config,
+        &device,
+        &mut |p| bar.update(p),
+    )?;
+    bar.finish();
+    write_json(&report, &args.json)?;
+    if let Some(path) = &args.heatmap {
+        debiasdd_eval::heatmap::write_group_heatmap(
+            &report.summary.group_accuracy_mean,
+            path,
+            Some(&data.config.palette),
+        )?;
+    }
+    print_summary(&report);
+    println!("report: {}", args.json.display());
+    Ok(())
+}
