@@ -95,7 +95,9 @@ impl std::str::FromStr for Preset {
             "seed" => Ok(Preset::Seed),
             "fairdd" => Ok(Preset::Fairdd),
             "grey" => Ok(Preset::Grey),
-            other => Err(format!("unknown preset {other:?}: use seed, fairdd or grey")),
+            other => Err(format!(
+                "unknown preset {other:?}: use seed, fairdd or grey"
+            )),
         }
     }
 }
