@@ -1,3 +1,0 @@
-#![allow(clippy::print_stdout)]
-include!("alloc_common.rs");
-fn main() { run("glibc").unwrap() }
