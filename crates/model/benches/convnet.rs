@@ -3,6 +3,11 @@
 //! images/s.
 //!
 //! `cargo bench -p debiasdd-model --bench convnet`
+//!
+//! The bench runs on the system allocator. Up to half of a backward pass then goes to page
+//! faults (glibc returns each large buffer to the OS); to see what a binary with a caching
+//! allocator gets, run it as
+//! `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 cargo bench -p debiasdd-model`.
 
 #![allow(missing_debug_implementations)]
 
