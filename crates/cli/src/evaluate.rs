@@ -7,8 +7,8 @@ use clap::Args;
 use debiasdd_eval::data::SyntheticSet;
 use debiasdd_eval::evaluate::evaluate;
 
-use crate::net_args::{NetArgs, eval_config, write_json};
-use crate::progress::{EvalBar, print_summary};
+use crate::net_args::{NetArgs, eval_config, write_outputs};
+use crate::progress::EvalBar;
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
@@ -52,15 +52,10 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
         &mut |p| bar.update(p),
     )?;
     bar.finish();
-    write_json(&report, &args.json)?;
-    if let Some(path) = &args.heatmap {
-        debiasdd_eval::heatmap::write_group_heatmap(
-            &report.summary.group_accuracy_mean,
-            path,
-            Some(&data.config.palette),
-        )?;
-    }
-    print_summary(&report);
-    println!("report: {}", args.json.display());
-    Ok(())
+    write_outputs(
+        &report,
+        &args.json,
+        args.heatmap.as_deref(),
+        &data.config.palette,
+    )
 }

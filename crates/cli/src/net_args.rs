@@ -73,8 +73,29 @@ pub fn eval_config(
     })
 }
 
+/// What every evaluating command leaves behind: the JSON report, the optional per-group heat
+/// map (with the dataset's palette above its columns), and the summary on stdout.
+pub fn write_outputs(
+    report: &EvalReport,
+    json: &Path,
+    heatmap: Option<&Path>,
+    palette: &[[u8; 3]],
+) -> anyhow::Result<()> {
+    write_json(report, json)?;
+    if let Some(path) = heatmap {
+        debiasdd_eval::heatmap::write_group_heatmap(
+            &report.summary.group_accuracy_mean,
+            path,
+            Some(palette),
+        )?;
+    }
+    crate::progress::print_summary(report);
+    println!("report: {}", json.display());
+    Ok(())
+}
+
 /// Writes the report as pretty JSON.
-pub fn write_json(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
+fn write_json(report: &EvalReport, path: &Path) -> anyhow::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
