@@ -109,6 +109,18 @@ impl ImageSet {
         }
     }
 
+    /// The samples of `split` at `indices`, in that order, scaled to [0, 1]; converts only those.
+    pub fn from_split_indices(split: &Split, indices: &[usize]) -> Self {
+        Self {
+            images: indices
+                .iter()
+                .flat_map(|&i| split.image(i).iter().map(|&v| f32::from(v) / 255.0))
+                .collect(),
+            labels: indices.iter().map(|&i| split.labels[i]).collect(),
+            groups: indices.iter().map(|&i| Some(split.groups[i])).collect(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
@@ -205,7 +217,7 @@ pub fn random_real_subset<R: Rng + ?Sized>(
             }
         }
     }
-    Ok(ImageSet::from_split(split).subset(&chosen))
+    Ok(ImageSet::from_split_indices(split, &chosen))
 }
 
 /// A distilled (or otherwise small) training set with the normalisation it was made under.

@@ -169,7 +169,7 @@ pub fn train_network(
             let ys: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
             let ys = Tensor::from_vec(ys, batch.len(), net.device())?;
             let logits = net.forward_t(&xs, true)?;
-            let loss = cross_entropy(&logits, &ys)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
             sgd.backward_step(&loss)?;
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
@@ -198,13 +198,6 @@ pub fn train_network(
         }
     }
     Ok(last.expect("at least one epoch runs"))
-}
-
-/// Mean cross-entropy of `logits` (N x C) against class ids (N, u32).
-pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
-    let log_probs = candle_core::Tensor::log_sum_exp(logits, D::Minus1)?;
-    let picked = logits.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?;
-    (log_probs - picked)?.mean_all()
 }
 
 fn balanced_sampler(set: &ImageSet) -> Result<WeightedIndex<f64>, EvalError> {
