@@ -1,0 +1,46 @@
+//! Everything that can go wrong in a distillation run, each with what to do about it.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum DistillError {
+    #[error("invalid distillation setting `{field}`: {problem}")]
+    InvalidConfig {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("class {class} has no training images; distillation needs every class")]
+    EmptyClass { class: usize },
+    #[error(
+        "the train split has {n} images but {n_labels} labels / {n_groups} group ids; the data file is inconsistent, regenerate it with `debiasdd generate`"
+    )]
+    InconsistentSplit {
+        n: usize,
+        n_labels: usize,
+        n_groups: usize,
+    },
+    #[error(
+        "the matching loss became {value} at iteration {iteration}, outer step {outer_step}; lower --lr-img or --lr-net, or try --distance ours"
+    )]
+    NonFiniteLoss {
+        iteration: usize,
+        outer_step: usize,
+        value: f64,
+    },
+    #[error(
+        "checkpoint {path} was written by a run with different settings ({problem}); resume with the same settings or start a new run"
+    )]
+    CheckpointMismatch { path: PathBuf, problem: String },
+    #[error("checkpoint {path} is unreadable: {problem}")]
+    BadCheckpoint { path: PathBuf, problem: String },
+    #[error("cannot write {path}: {problem}")]
+    Write { path: PathBuf, problem: String },
+    #[error(transparent)]
+    Data(#[from] debiasdd_eval::data::DataError),
+    #[error(transparent)]
+    Model(#[from] debiasdd_model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

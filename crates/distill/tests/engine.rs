@@ -1,0 +1,254 @@
+//! The distillation loop on a tiny hand-made split: plans per mode, determinism, bit-identical
+//! resume, checkpoint checks, errors, and the engine's own loss against finite differences.
+
+use candle_core::{DType, Device, Tensor, Var};
+use debiasdd_cmnist::colored::Split;
+use debiasdd_distill::grads::ConvPath;
+use debiasdd_distill::{DistillConfig, DistillError, Distiller, Init, MatchMode, Preset};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const IMAGE: usize = 3 * 28 * 28;
+
+/// 6 images per class: 4 in the class's colour, 2 in colour (class + 1) mod 10; so 20 non-empty
+/// groups out of 100. `skip_class` leaves one class out.
+fn tiny_split(skip_class: Option<u8>) -> Split {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut split = Split {
+        images: Vec::new(),
+        labels: Vec::new(),
+        colours: Vec::new(),
+        groups: Vec::new(),
+    };
+    for class in 0..10u8 {
+        if Some(class) == skip_class {
+            continue;
+        }
+        for k in 0..6 {
+            let colour = if k < 4 { class } else { (class + 1) % 10 };
+            split
+                .images
+                .extend((0..IMAGE).map(|_| rng.random_range(0..=255u8)));
+            split.labels.push(class);
+            split.colours.push(colour);
+            split.groups.push(u16::from(class) * 10 + u16::from(colour));
+        }
+    }
+    split
+}
+
+fn tiny_config(mode: MatchMode) -> DistillConfig {
+    let mut config = DistillConfig::preset(Preset::Quick, mode, 10);
+    config.model.width = 2;
+    config.model.depth = 1;
+    config.outer_loop = 2;
+    config.inner_loop = 2;
+    config.batch_real = 3;
+    config.iterations = 2;
+    config.seed = 5;
+    config
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn plans_follow_the_mode() -> anyhow::Result<()> {
+    let split = tiny_split(None);
+    for (mode, terms, groups) in [
+        (MatchMode::Class, 10, false),
+        (MatchMode::Group, 20, true),
+        (MatchMode::ClassVsGroups, 20, false),
+    ] {
+        let d = Distiller::new(tiny_config(mode), &split, &Device::Cpu, DType::F32)?;
+        assert_eq!(d.n_terms(), terms, "{mode}");
+        assert_eq!(d.empty_groups().len(), 80, "{mode}");
+        let set = d.synthetic_set()?;
+        assert_eq!(set.set.len(), 100);
+        // Class by class, 10 images each.
+        assert_eq!(set.set.labels[..10], [0; 10]);
+        assert_eq!(set.set.labels[90..], [9; 10]);
+        if groups {
+            // One image per (class, colour), in colour order within the class.
+            let g: Vec<u16> = set.set.groups.iter().map(|g| g.unwrap()).collect();
+            assert_eq!(g, (0..100).collect::<Vec<u16>>());
+        } else {
+            assert!(set.set.groups.iter().all(Option::is_none));
+        }
+        // The probe draws every group whole (3 < 4 real images in aligned groups, 2 otherwise).
+        let probe = d.probe(99)?;
+        let expected_real = match mode {
+            MatchMode::Class => 10 * 3,
+            _ => 10 * (3 + 2),
+        };
+        assert_eq!(probe.real_images, expected_real, "{mode}");
+    }
+    Ok(())
+}
+
+#[test]
+fn real_init_draws_from_the_image_group_or_class() -> anyhow::Result<()> {
+    let split = tiny_split(None);
+    let mut config = tiny_config(MatchMode::Group);
+    config.init = Init::Real;
+    let d = Distiller::new(config, &split, &Device::Cpu, DType::F32)?;
+    let set = d.synthetic_set()?;
+    // Every synthetic image equals some real image of its class (pixel values k/255).
+    for (i, &label) in set.set.labels.iter().enumerate() {
+        let syn = &set.set.images[i * IMAGE..(i + 1) * IMAGE];
+        let found = (0..split.len()).find(|&j| {
+            split
+                .image(j)
+                .iter()
+                .zip(syn)
+                .all(|(&r, &s)| (f32::from(r) / 255.0 - s).abs() < 1e-4)
+        });
+        let j = found.unwrap_or_else(|| panic!("synthetic image {i} is no real image"));
+        assert_eq!(split.labels[j], label);
+        let group = set.set.groups[i].unwrap();
+        if split.groups.contains(&group) {
+            assert_eq!(
+                split.groups[j], group,
+                "image {i} should come from its own group"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn same_seed_same_result_and_resume_is_bit_identical() -> anyhow::Result<()> {
+    let split = tiny_split(None);
+    let dir = tempfile::tempdir()?;
+    for mode in [MatchMode::Group, MatchMode::ClassVsGroups] {
+        let config = tiny_config(mode);
+        let mut straight = Distiller::new(config.clone(), &split, &Device::Cpu, DType::F32)?;
+        let mut losses = Vec::new();
+        while !straight.is_done() {
+            losses.push(straight.step()?.loss);
+        }
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+
+        let mut again = Distiller::new(config.clone(), &split, &Device::Cpu, DType::F32)?;
+        again.step()?;
+        let ckpt = dir.path().join(format!("{mode}.ckpt"));
+        again.save_checkpoint(&ckpt)?;
+        drop(again);
+
+        let mut resumed = Distiller::new(config.clone(), &split, &Device::Cpu, DType::F32)?;
+        resumed.load_checkpoint(&ckpt)?;
+        assert_eq!(resumed.iteration(), 1);
+        let last = resumed.step()?;
+        assert_eq!(last.loss, losses[1], "{mode}");
+        assert!(resumed.is_done());
+        assert_eq!(
+            values(resumed.images()),
+            values(straight.images()),
+            "{mode}"
+        );
+        // The images moved away from their initialisation.
+        let fresh = Distiller::new(config, &split, &Device::Cpu, DType::F32)?;
+        assert_ne!(values(fresh.images()), values(straight.images()));
+    }
+    Ok(())
+}
+
+#[test]
+fn checkpoint_of_other_settings_is_refused_by_name() -> anyhow::Result<()> {
+    let split = tiny_split(None);
+    let dir = tempfile::tempdir()?;
+    let ckpt = dir.path().join("run.ckpt");
+    Distiller::new(
+        tiny_config(MatchMode::Class),
+        &split,
+        &Device::Cpu,
+        DType::F32,
+    )?
+    .save_checkpoint(&ckpt)?;
+    let mut other_config = tiny_config(MatchMode::Class);
+    other_config.lr_img = 0.5;
+    let mut other = Distiller::new(other_config, &split, &Device::Cpu, DType::F32)?;
+    let err = other.load_checkpoint(&ckpt).unwrap_err().to_string();
+    assert!(err.contains("lr_img"), "{err}");
+    // More iterations is fine.
+    let mut longer_config = tiny_config(MatchMode::Class);
+    longer_config.iterations = 10;
+    Distiller::new(longer_config, &split, &Device::Cpu, DType::F32)?.load_checkpoint(&ckpt)?;
+    let garbage = dir.path().join("garbage.ckpt");
+    std::fs::write(&garbage, b"not a checkpoint")?;
+    let err = other.load_checkpoint(&garbage).unwrap_err();
+    assert!(matches!(err, DistillError::BadCheckpoint { .. }), "{err}");
+    Ok(())
+}
+
+#[test]
+fn empty_class_is_a_clear_error() {
+    let split = tiny_split(Some(3));
+    let err = Distiller::new(
+        tiny_config(MatchMode::Class),
+        &split,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, DistillError::EmptyClass { class: 3 }),
+        "{err}"
+    );
+}
+
+#[test]
+fn conv_paths_agree_on_a_whole_iteration() -> anyhow::Result<()> {
+    let split = tiny_split(None);
+    let config = tiny_config(MatchMode::Group);
+    let mut a = Distiller::new(config.clone(), &split, &Device::Cpu, DType::F64)?;
+    let mut b =
+        Distiller::new(config, &split, &Device::Cpu, DType::F64)?.with_conv_path(ConvPath::Candle);
+    let (la, lb) = (a.step()?.loss, b.step()?.loss);
+    assert!((la - lb).abs() < 1e-10 * la.abs().max(1.0), "{la} vs {lb}");
+    let (va, vb) = (values(a.images()), values(b.images()));
+    let worst = va
+        .iter()
+        .zip(&vb)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst < 1e-9, "images differ by {worst}");
+    Ok(())
+}
+
+#[test]
+fn engine_loss_gradient_matches_finite_differences() -> anyhow::Result<()> {
+    // The engine's own matching loss (real batches, pairing, distance) for every mode, f64.
+    let split = tiny_split(None);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for mode in MatchMode::ALL {
+        let d = Distiller::new(tiny_config(mode), &split, &Device::Cpu, DType::F64)?;
+        let target = d.probe(7)?;
+        let x0 = d.images().clone();
+        let var = Var::from_tensor(&x0)?;
+        let grads = target.loss(var.as_tensor())?.backward()?;
+        let analytic = values(grads.get(var.as_tensor()).unwrap());
+        let scale = analytic.iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        let base = values(&x0);
+        let h = 1e-5;
+        for _ in 0..8 {
+            let i = rng.random_range(0..base.len());
+            let at = |delta: f64| -> anyhow::Result<f64> {
+                let mut v = base.clone();
+                v[i] += delta;
+                let x = Tensor::from_vec(v, x0.shape(), &Device::Cpu)?;
+                Ok(target.loss(&x)?.to_scalar::<f64>()?)
+            };
+            let numeric = (at(h)? - at(-h)?) / (2.0 * h);
+            let err = (analytic[i] - numeric).abs() / scale;
+            assert!(err < 1e-6, "{mode} pixel {i}: {} vs {numeric}", analytic[i]);
+        }
+    }
+    Ok(())
+}
