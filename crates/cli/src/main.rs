@@ -6,10 +6,12 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod distill;
 mod evaluate;
 mod generate;
 mod net_args;
 mod progress;
+mod subset;
 mod train;
 
 use std::process::ExitCode;
@@ -44,6 +46,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Train K fresh networks on a synthetic set with the DC protocol and score them.
     Evaluate(evaluate::EvaluateArgs),
+    /// Distil a synthetic set by gradient matching: class-wise, group-wise or class-vs-groups.
+    Distill(distill::DistillArgs),
+    /// Save a random real subset (class- or group-stratified) as a synthetic set: the floor.
+    Subset(subset::SubsetArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -67,6 +73,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Distill(args) => distill::run(args),
+        Command::Subset(args) => subset::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

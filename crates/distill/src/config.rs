@@ -87,7 +87,8 @@ name_traits!(Init, "noise, real");
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// Small enough for a 2-core CPU in minutes, large enough to show the debiasing effect:
-    /// width 32, real batch 64, outer 5 / inner 10 loops, 40 iterations.
+    /// width 32, real batch 64, outer 5 / inner 10 loops, 20 iterations (the protocol's small-scale
+    /// comparison).
     Quick,
     /// The protocol: width 128, real batch 256, loops from the ipc table, 1000 iterations.
     Paper,
@@ -161,7 +162,7 @@ impl DistillConfig {
             Preset::Paper => loops_for_ipc(ipc).unwrap_or((0, 0)),
         };
         let (width, batch_real, iterations) = match preset {
-            Preset::Quick => (32, 64, 40),
+            Preset::Quick => (32, 64, 20),
             Preset::Paper => (128, 256, 1000),
         };
         Self {

@@ -1,0 +1,208 @@
+//! `debiasdd distill` and `debiasdd subset` as a user runs them, on a tiny generated Colored
+//! MNIST and a tiny network: files written, resume, one-line errors.
+#![allow(clippy::print_stderr)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use debiasdd_cmnist::source::write_synthetic_source;
+use debiasdd_eval::data::SyntheticSet;
+
+fn debiasdd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_debiasdd"))
+        .args(args)
+        .env_remove("DEBIASDD_MNIST_DIR")
+        .output()
+        .expect("the debiasdd binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// A 300-image Colored MNIST at ratio 0.1 in `dir/c.safetensors`.
+fn tiny_dataset(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).expect("source dir");
+    write_synthetic_source(&src, 400, 100).expect("synthetic source");
+    let file = dir.join("c.safetensors");
+    let out = debiasdd(&[
+        "generate",
+        "--mnist-dir",
+        s(&src),
+        "--skip-checksum",
+        "--ratio",
+        "0.1",
+        "--train-size",
+        "300",
+        "--valid-size",
+        "50",
+        "--out",
+        s(&file),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    file
+}
+
+const TINY: [&str; 12] = [
+    "--width",
+    "2",
+    "--depth",
+    "1",
+    "--outer-loop",
+    "2",
+    "--inner-loop",
+    "1",
+    "--batch-real",
+    "4",
+    "--grid-every",
+    "1",
+];
+
+#[test]
+fn distills_writes_grids_checkpoints_and_resumes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = tiny_dataset(dir.path());
+    let out = dir.path().join("syn.safetensors");
+    let grid = dir.path().join("grid");
+    let mut args = vec![
+        "distill",
+        "--data",
+        s(&data),
+        "--mode",
+        "group",
+        "--iterations",
+        "2",
+        "--out",
+        s(&out),
+        "--grid",
+        s(&grid),
+    ];
+    args.extend(TINY);
+    let run = debiasdd(&args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let stdout = text(&run.stdout);
+    assert!(stdout.contains("mode group"), "{stdout}");
+    let set = SyntheticSet::load(&out)?;
+    assert_eq!(set.set.len(), 100);
+    assert_eq!(set.set.groups[13], Some(13));
+    assert!(set.config.unwrap().contains("\"mode\":\"group\""));
+    for png in ["iter-00001.png", "iter-00002.png", "final.png"] {
+        assert!(grid.join(png).exists(), "{png}");
+    }
+    let ckpt = dir.path().join("syn.ckpt.safetensors");
+    assert!(ckpt.exists());
+
+    // Resume to 3 iterations, and compare with a straight 3-iteration run.
+    let resumed_out = dir.path().join("resumed.safetensors");
+    let mut resume = vec![
+        "distill",
+        "--data",
+        s(&data),
+        "--mode",
+        "group",
+        "--iterations",
+        "3",
+        "--out",
+        s(&resumed_out),
+        "--resume",
+        s(&ckpt),
+    ];
+    resume.extend(TINY);
+    let run = debiasdd(&resume);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(text(&run.stdout).contains("at iteration 2/3"));
+    let straight_out = dir.path().join("straight.safetensors");
+    let mut straight = vec![
+        "distill",
+        "--data",
+        s(&data),
+        "--mode",
+        "group",
+        "--iterations",
+        "3",
+        "--out",
+        s(&straight_out),
+    ];
+    straight.extend(TINY);
+    let run = debiasdd(&straight);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert_eq!(
+        SyntheticSet::load(&resumed_out)?.set.images,
+        SyntheticSet::load(&straight_out)?.set.images
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_settings_fail_in_one_line() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = tiny_dataset(dir.path());
+    let out = dir.path().join("syn.safetensors");
+    for (extra, needle) in [
+        (vec!["--ipc", "0"], "ipc"),
+        (vec!["--mode", "group", "--ipc", "5"], "multiple of 10"),
+        (vec!["--lr-img=-1"], "lr_img"),
+    ] {
+        let mut args = vec!["distill", "--data", s(&data), "--out", s(&out)];
+        args.extend(extra);
+        let run = debiasdd(&args);
+        let stderr = text(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+    }
+    Ok(())
+}
+
+#[test]
+fn subsets_are_stratified() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = tiny_dataset(dir.path());
+    let class = dir.path().join("class.safetensors");
+    let run = debiasdd(&[
+        "subset",
+        "--data",
+        s(&data),
+        "--stratify",
+        "class",
+        "--per",
+        "3",
+        "--out",
+        s(&class),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let set = SyntheticSet::load(&class)?;
+    assert_eq!(set.set.len(), 30);
+    for c in 0..10u8 {
+        assert_eq!(set.set.labels.iter().filter(|&&l| l == c).count(), 3);
+    }
+    let group = dir.path().join("group.safetensors");
+    let run = debiasdd(&[
+        "subset",
+        "--data",
+        s(&data),
+        "--stratify",
+        "group",
+        "--per",
+        "1",
+        "--out",
+        s(&group),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let set = SyntheticSet::load(&group)?;
+    let cmnist = debiasdd_cmnist::io::load(&data)?;
+    let non_empty = (0..100u16)
+        .filter(|g| cmnist.train.groups.contains(g))
+        .count();
+    assert_eq!(set.set.len(), non_empty);
+    let mut groups: Vec<u16> = set.set.groups.iter().map(|g| g.unwrap()).collect();
+    groups.dedup();
+    assert_eq!(groups.len(), non_empty, "one image per group");
+    Ok(())
+}
