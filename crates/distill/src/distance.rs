@@ -156,7 +156,8 @@ mod tests {
         let a = Tensor::new(&[[[1f64, 2.]], [[0., 1.]]], &dev)?;
         let b = Tensor::new(&[[[2f64, 1.]], [[1., 1.]]], &dev)?;
         for kind in Distance::ALL {
-            let both = distance(kind, &[a.clone()], &[b.clone()])?.to_scalar::<f64>()?;
+            let both = distance(kind, std::slice::from_ref(&a), std::slice::from_ref(&b))?
+                .to_scalar::<f64>()?;
             let first =
                 distance(kind, &[a.narrow(0, 0, 1)?], &[b.narrow(0, 0, 1)?])?.to_scalar::<f64>()?;
             let second =
