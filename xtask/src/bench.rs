@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail};
 const BENCHES: &[(&str, &str)] = &[
     ("debiasdd-cmnist", "generate"),
     ("debiasdd-model", "convnet"),
+    ("debiasdd-distill", "matching"),
 ];
 
 /// Criterion 0.5 flags for `--quick`. `--quick` stops sampling once the estimate is stable (at
