@@ -3,9 +3,9 @@
 //!
 //! Sits above the data layer (`debiasdd-cmnist`, `debiasdd-groups`), the networks
 //! (`debiasdd-model`) and the synthetic-set format of `debiasdd-eval`; the binary and `xtask` drive
-//! it. [`grads`] holds the hand-written, differentiable ConvNet backward pass that gives exact
-//! second-order gradients, [`distance`] the matching distances, [`engine`] the distillation loop
-//! with checkpoints, [`grid`] the picture of the synthetic set.
+//! it. [`grads`] (re-exported from `debiasdd-model`) is the hand-written, differentiable ConvNet
+//! backward pass that gives exact second-order gradients, [`distance`] the matching distances,
+//! [`engine`] the distillation loop with checkpoints, [`grid`] the picture of the synthetic set.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,7 +27,7 @@ pub mod config;
 pub mod distance;
 pub mod engine;
 pub mod error;
-pub mod grads;
+pub use debiasdd_model::grads;
 pub mod grid;
 
 pub use config::{DistillConfig, Init, MatchMode, Preset, loops_for_ipc};

@@ -10,8 +10,9 @@
 
 use candle_core::{D, DType, Device, Tensor};
 use debiasdd_groups::{GroupIndex, GroupSpec};
-use debiasdd_model::Network;
+use debiasdd_model::grads::{self, ConvPath, Segments};
 use debiasdd_model::optim::{Sgd, SgdConfig};
+use debiasdd_model::{ModelConfig, Network};
 use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
 use rand::seq::SliceRandom;
@@ -123,12 +124,34 @@ pub struct EpochReport {
 /// Trains `net` in place on `set` with the DC protocol; every random choice (order, balanced
 /// draws, augmentation) comes from `seed`. `on_epoch` sees each epoch's report (progress bars,
 /// logs). Returns the last epoch's report.
+///
+/// ConvNets that `debiasdd_model::grads` supports (instance norm or none, ReLU, average pooling:
+/// the protocol's) are trained with that explicit backward pass, about three times faster on
+/// the CPU than candle's autograd; other networks with autograd. Both give the same updates up to
+/// rounding (tested).
 pub fn train_network(
     net: &Network,
     set: &ImageSet,
     norm: &Normalization,
     config: &TrainConfig,
     seed: u64,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<EpochReport, EvalError> {
+    let explicit = match net.config() {
+        ModelConfig::ConvNet(c) => grads::unsupported_reason(c).is_none(),
+        _ => false,
+    };
+    train_network_with(net, set, norm, config, seed, explicit, on_epoch)
+}
+
+/// [`train_network`] with the choice of backward pass made by the caller.
+fn train_network_with(
+    net: &Network,
+    set: &ImageSet,
+    norm: &Normalization,
+    config: &TrainConfig,
+    seed: u64,
+    explicit_backward: bool,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<EpochReport, EvalError> {
     config.validate()?;
@@ -168,9 +191,28 @@ pub fn train_network(
             let xs = Tensor::from_vec(xs, shape, net.device())?.to_dtype(net.dtype())?;
             let ys: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
             let ys = Tensor::from_vec(ys, batch.len(), net.device())?;
-            let logits = net.forward_t(&xs, true)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
-            sgd.backward_step(&loss)?;
+            let (logits, loss) = match (explicit_backward, net.config()) {
+                (true, ModelConfig::ConvNet(c)) => {
+                    let path = ConvPath::for_device(net.device());
+                    let params: Vec<Tensor> =
+                        net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+                    let segments = Segments::uniform(1, batch.len())?;
+                    let fwd = grads::forward(c, &params, &xs, path)?;
+                    let loss = grads::segment_losses(&fwd, &ys, &segments)?.squeeze(0)?;
+                    let g = grads::segment_gradients(c, &params, &fwd, &ys, &segments, path)?
+                        .into_iter()
+                        .map(|g| g.squeeze(0))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    sgd.step_tensors(&g)?;
+                    (fwd.logits, loss)
+                }
+                _ => {
+                    let logits = net.forward_t(&xs, true)?;
+                    let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
+                    sgd.backward_step(&loss)?;
+                    (logits, loss)
+                }
+            };
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
                 return Err(EvalError::NonFiniteLoss { epoch, lr });
@@ -225,4 +267,61 @@ pub fn predict(net: &Network, set: &ImageSet, norm: &Normalization) -> Result<Ve
         predictions.extend(classes.into_iter().map(|c| c as u8));
     }
     Ok(predictions)
+}
+
+#[cfg(test)]
+mod tests {
+    use debiasdd_model::{ConvNetConfig, ModelConfig};
+
+    use super::*;
+
+    /// The explicit backward pass and candle's autograd train a ConvNet to the same weights.
+    #[test]
+    fn explicit_backward_matches_autograd_training() -> Result<(), EvalError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let n = 12;
+        let set = ImageSet {
+            images: (0..n * 3 * 28 * 28)
+                .map(|_| rng.random_range(0.0..1.0))
+                .collect(),
+            labels: (0..n).map(|i| (i % 10) as u8).collect(),
+            groups: vec![None; n],
+        };
+        let norm = Normalization {
+            mean: [0.2; 3],
+            std: [0.3; 3],
+        };
+        let config = TrainConfig {
+            epochs: 2,
+            batch_size: 5,
+            ..TrainConfig::dc(false)
+        };
+        let model = ModelConfig::ConvNet(ConvNetConfig {
+            width: 4,
+            depth: 2,
+            ..ConvNetConfig::default()
+        });
+        let build = || {
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            Network::new(&model, &mut rng, &Device::Cpu, DType::F64).unwrap()
+        };
+        let (a, b) = (build(), build());
+        let ra = train_network_with(&a, &set, &norm, &config, 3, true, &mut |_| {})?;
+        let rb = train_network_with(&b, &set, &norm, &config, 3, false, &mut |_| {})?;
+        assert!(
+            (ra.loss - rb.loss).abs() < 1e-9,
+            "{} vs {}",
+            ra.loss,
+            rb.loss
+        );
+        for ((name, va), (_, vb)) in a.parameters().iter().zip(b.parameters()) {
+            let d = (va.as_tensor() - vb.as_tensor())?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
+            assert!(d < 1e-9, "{name} differs by {d}");
+        }
+        Ok(())
+    }
 }

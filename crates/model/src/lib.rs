@@ -50,6 +50,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod grads;
 pub mod kernels;
 pub mod layers;
 pub mod network;

@@ -84,14 +84,33 @@ impl Sgd {
 
     /// One update of every variable that has a gradient in `grads`.
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        let per_var: Vec<Option<Tensor>> =
+            self.vars.iter().map(|v| grads.get(v).cloned()).collect();
+        self.update(per_var)
+    }
+
+    /// One update with gradients given in [`Sgd::vars`] order (for example from
+    /// [`crate::grads::batch_gradients`]).
+    pub fn step_tensors(&mut self, grads: &[Tensor]) -> candle_core::Result<()> {
+        if grads.len() != self.vars.len() {
+            candle_core::bail!(
+                "sgd: {} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            )
+        }
+        self.update(grads.iter().cloned().map(Some).collect())
+    }
+
+    fn update(&mut self, grads: Vec<Option<Tensor>>) -> candle_core::Result<()> {
         let SgdConfig {
             lr,
             momentum,
             weight_decay,
             nesterov,
         } = self.config;
-        for (var, buffer) in self.vars.iter().zip(self.buffers.iter_mut()) {
-            let Some(grad) = grads.get(var) else {
+        for ((var, buffer), grad) in self.vars.iter().zip(self.buffers.iter_mut()).zip(grads) {
+            let Some(grad) = grad else {
                 continue;
             };
             let param = var.as_detached_tensor();

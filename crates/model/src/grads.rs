@@ -24,10 +24,10 @@
 //! and candle's `conv2d` on every device ([`ConvPath::Candle`]); tests check them against each
 //! other and against candle's autograd.
 
+use crate::config::LEAKY_RELU_SLOPE;
+use crate::layers::NORM_EPS;
+use crate::{Activation, ConvNetConfig, Norm, Pooling, kernels};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
-use debiasdd_model::config::LEAKY_RELU_SLOPE;
-use debiasdd_model::layers::NORM_EPS;
-use debiasdd_model::{Activation, ConvNetConfig, Norm, Pooling, kernels};
 
 /// Why a ConvNet configuration cannot be distilled with the hand-written backward pass, if it
 /// cannot.
@@ -177,7 +177,7 @@ fn per_block(config: &ConvNetConfig) -> usize {
     if config.norm == Norm::None { 2 } else { 4 }
 }
 
-/// Number of parameter tensors of the ConvNet (the length of [`debiasdd_model::Network::parameters`]).
+/// Number of parameter tensors of the ConvNet (the length of [`crate::Network::parameters`]).
 pub fn n_params(config: &ConvNetConfig) -> usize {
     per_block(config) * config.depth + 2
 }
@@ -216,7 +216,7 @@ fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
 }
 
 /// The ConvNet forward pass on `xs` (N, C, H, W) with `params` in
-/// [`debiasdd_model::Network::parameters`] order.
+/// [`crate::Network::parameters`] order.
 pub fn forward(
     config: &ConvNetConfig,
     params: &[Tensor],
