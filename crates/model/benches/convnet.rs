@@ -4,6 +4,9 @@
 //!
 //! `cargo bench -p debiasdd-model --bench convnet`
 //!
+//! `forward_backward` goes through candle's autograd; `forward_backward_explicit` computes the
+//! same parameter gradients with the hand-written backward pass of `debiasdd_model::grads`.
+//!
 //! The bench runs on the system allocator. Up to half of a backward pass then goes to page
 //! faults (glibc returns each large buffer to the OS); to see what a binary with a caching
 //! allocator gets, run it as
@@ -13,7 +16,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
+use debiasdd_model::{ConvNetConfig, ModelConfig, Network, grads};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::hint::black_box;
@@ -57,6 +60,22 @@ fn bench_convnet(c: &mut Criterion) {
                 let grads = loss.backward().unwrap();
                 device.synchronize().unwrap();
                 grads
+            })
+        });
+        // The same gradients through the explicit backward pass (`debiasdd_model::grads`), which
+        // the evaluator and the distillation engine use for ConvNets.
+        let params: Vec<Tensor> = net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+        let ModelConfig::ConvNet(config) = net.config().clone() else {
+            unreachable!("a ConvNet")
+        };
+        let path = grads::ConvPath::for_device(&device);
+        group.bench_function("forward_backward_explicit", |b| {
+            b.iter(|| {
+                let (g, loss) =
+                    grads::batch_gradients(&config, &params, black_box(&images), &labels, path)
+                        .unwrap();
+                device.synchronize().unwrap();
+                (g, loss)
             })
         });
         group.finish();
