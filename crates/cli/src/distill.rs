@@ -137,6 +137,19 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
         );
     }
     let ckpt = checkpoint_path(&args);
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing this iteration, then writing a checkpoint");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+
     println!(
         "distill: mode {}, preset {}, ipc {} ({} images), {} matching terms per outer step, width {}, real batch {}, loops {}/{}, {} iterations, init {}, distance {}",
         config.mode,
@@ -158,19 +171,6 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
             distiller.empty_groups().len(),
             distiller.empty_groups()
         );
-    }
-
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond interrupt: exiting without a checkpoint");
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupt: finishing this iteration, then writing a checkpoint");
-        })
-        .context("cannot install the Ctrl-C handler")?;
     }
 
     let mut history = match &args.history {

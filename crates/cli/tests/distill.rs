@@ -206,3 +206,77 @@ fn subsets_are_stratified() -> anyhow::Result<()> {
     assert_eq!(groups.len(), non_empty, "one image per group");
     Ok(())
 }
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_writes_a_checkpoint_that_resumes() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir()?;
+    let data = tiny_dataset(dir.path());
+    let out = dir.path().join("syn.safetensors");
+    let mut args = vec![
+        "distill",
+        "--data",
+        s(&data),
+        "--mode",
+        "class",
+        "--iterations",
+        "100000",
+        "--out",
+        s(&out),
+    ];
+    args.extend(TINY);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_debiasdd"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    // The handler is installed before the start line is printed.
+    let first = lines.next().expect("a start line")?;
+    assert!(first.starts_with("distill:"), "{first}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(killed.success());
+    let rest: Vec<String> = lines.collect::<Result<_, _>>()?;
+    let status = child.wait()?;
+    assert!(status.success(), "exit {status:?}; stdout {rest:?}");
+    let message = rest.join("\n");
+    assert!(message.contains("interrupted after iteration"), "{message}");
+    let ckpt = dir.path().join("syn.ckpt.safetensors");
+    assert!(ckpt.exists());
+    assert!(
+        !out.exists(),
+        "no synthetic set is written for an interrupted run"
+    );
+    // Resume and finish one more iteration than the checkpoint holds.
+    let done: usize = message
+        .split("interrupted after iteration ")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("iteration in the message");
+    let target = (done + 1).to_string();
+    let mut resume = vec![
+        "distill",
+        "--data",
+        s(&data),
+        "--mode",
+        "class",
+        "--iterations",
+        &target,
+        "--out",
+        s(&out),
+        "--resume",
+        s(&ckpt),
+    ];
+    resume.extend(TINY);
+    let run = debiasdd(&resume);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(out.exists());
+    Ok(())
+}
