@@ -3,26 +3,13 @@
 #![allow(clippy::print_stderr)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use debiasdd_cmnist::source::write_synthetic_source;
 use debiasdd_eval::data::SyntheticSet;
 
-fn debiasdd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_debiasdd"))
-        .args(args)
-        .env_remove("DEBIASDD_MNIST_DIR")
-        .output()
-        .expect("the debiasdd binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
+mod common;
+use common::{assert_clean_failure, debiasdd, s, text};
 
 /// A 300-image Colored MNIST at ratio 0.1 in `dir/c.safetensors`.
 fn tiny_dataset(dir: &Path) -> std::path::PathBuf {
@@ -48,6 +35,30 @@ fn tiny_dataset(dir: &Path) -> std::path::PathBuf {
     file
 }
 
+/// `distill` on `data` with the tiny network settings, plus `extra`.
+fn distill_args<'a>(
+    data: &'a Path,
+    mode: &'a str,
+    iterations: &'a str,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "distill",
+        "--data",
+        s(data),
+        "--mode",
+        mode,
+        "--iterations",
+        iterations,
+        "--out",
+        s(out),
+    ];
+    args.extend(TINY);
+    args.extend(extra);
+    args
+}
+
 const TINY: [&str; 12] = [
     "--width",
     "2",
@@ -69,20 +80,7 @@ fn distills_writes_grids_checkpoints_and_resumes() -> anyhow::Result<()> {
     let data = tiny_dataset(dir.path());
     let out = dir.path().join("syn.safetensors");
     let grid = dir.path().join("grid");
-    let mut args = vec![
-        "distill",
-        "--data",
-        s(&data),
-        "--mode",
-        "group",
-        "--iterations",
-        "2",
-        "--out",
-        s(&out),
-        "--grid",
-        s(&grid),
-    ];
-    args.extend(TINY);
+    let args = distill_args(&data, "group", "2", &out, &["--grid", s(&grid)]);
     let run = debiasdd(&args);
     assert!(run.status.success(), "{}", text(&run.stderr));
     let stdout = text(&run.stdout);
@@ -99,36 +97,12 @@ fn distills_writes_grids_checkpoints_and_resumes() -> anyhow::Result<()> {
 
     // Resume to 3 iterations, and compare with a straight 3-iteration run.
     let resumed_out = dir.path().join("resumed.safetensors");
-    let mut resume = vec![
-        "distill",
-        "--data",
-        s(&data),
-        "--mode",
-        "group",
-        "--iterations",
-        "3",
-        "--out",
-        s(&resumed_out),
-        "--resume",
-        s(&ckpt),
-    ];
-    resume.extend(TINY);
+    let resume = distill_args(&data, "group", "3", &resumed_out, &["--resume", s(&ckpt)]);
     let run = debiasdd(&resume);
     assert!(run.status.success(), "{}", text(&run.stderr));
     assert!(text(&run.stdout).contains("at iteration 2/3"));
     let straight_out = dir.path().join("straight.safetensors");
-    let mut straight = vec![
-        "distill",
-        "--data",
-        s(&data),
-        "--mode",
-        "group",
-        "--iterations",
-        "3",
-        "--out",
-        s(&straight_out),
-    ];
-    straight.extend(TINY);
+    let straight = distill_args(&data, "group", "3", &straight_out, &[]);
     let run = debiasdd(&straight);
     assert!(run.status.success(), "{}", text(&run.stderr));
     assert_eq!(
@@ -150,12 +124,7 @@ fn bad_settings_fail_in_one_line() -> anyhow::Result<()> {
     ] {
         let mut args = vec!["distill", "--data", s(&data), "--out", s(&out)];
         args.extend(extra);
-        let run = debiasdd(&args);
-        let stderr = text(&run.stderr);
-        assert_eq!(run.status.code(), Some(1), "{stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-        assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+        assert_clean_failure(&debiasdd(&args), needle);
     }
     Ok(())
 }
@@ -216,18 +185,7 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = tiny_dataset(dir.path());
     let out = dir.path().join("syn.safetensors");
-    let mut args = vec![
-        "distill",
-        "--data",
-        s(&data),
-        "--mode",
-        "class",
-        "--iterations",
-        "100000",
-        "--out",
-        s(&out),
-    ];
-    args.extend(TINY);
+    let args = distill_args(&data, "class", "100000", &out, &[]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_debiasdd"))
         .args(&args)
         .stdout(Stdio::piped())
@@ -261,20 +219,7 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() -> anyhow::Result<()> {
         .and_then(|n| n.trim().parse().ok())
         .expect("iteration in the message");
     let target = (done + 1).to_string();
-    let mut resume = vec![
-        "distill",
-        "--data",
-        s(&data),
-        "--mode",
-        "class",
-        "--iterations",
-        &target,
-        "--out",
-        s(&out),
-        "--resume",
-        s(&ckpt),
-    ];
-    resume.extend(TINY);
+    let resume = distill_args(&data, "class", &target, &out, &["--resume", s(&ckpt)]);
     let run = debiasdd(&resume);
     assert!(run.status.success(), "{}", text(&run.stderr));
     assert!(out.exists());

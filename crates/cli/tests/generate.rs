@@ -3,45 +3,17 @@
 #![allow(clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use debiasdd_cmnist::colored::conflicting_count;
 use debiasdd_cmnist::source::write_synthetic_source;
 
-fn debiasdd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_debiasdd"))
-        .args(args)
-        .env_remove("DEBIASDD_MNIST_DIR")
-        .output()
-        .expect("the debiasdd binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A failure is one `error:` line on stderr, exit code 1, no panic.
-fn assert_clean_failure(out: &Output, needle: &str) {
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(
-        stderr.trim().lines().count(),
-        1,
-        "one line expected: {stderr}"
-    );
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-}
+mod common;
+use common::{assert_clean_failure, debiasdd, s, text};
 
 fn synthetic_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     write_synthetic_source(dir.path(), 400, 100).expect("synthetic source");
     dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
 }
 
 #[test]
