@@ -232,6 +232,11 @@ impl MatchingTarget {
 pub struct Distiller {
     config: DistillConfig,
     plan: Plan,
+    /// Derived from the plan once: term -> synthetic segment and term -> stratum (see
+    /// [`pair_indices`]), and the synthetic labels.
+    syn_index: Option<Tensor>,
+    real_index: Option<Tensor>,
+    syn_labels: Tensor,
     real: RealData,
     synthetic: Var,
     momentum: Tensor,
@@ -270,7 +275,12 @@ impl Distiller {
         let real = RealData { images, norm };
         let synthetic = initial_synthetic(&config, &plan, &real, device, dtype)?;
         let momentum = synthetic.zeros_like()?;
+        let (syn_index, real_index) = pair_indices(&plan, device)?;
+        let syn_labels = label_tensor(&plan.syn_labels, device)?;
         Ok(Self {
+            syn_index,
+            real_index,
+            syn_labels,
             path: ConvPath::for_device(device),
             config,
             plan,
@@ -414,7 +424,6 @@ impl Distiller {
         rng: &mut ChaCha8Rng,
     ) -> Result<MatchingTarget, DistillError> {
         let c = &self.config;
-        let (syn_index, real_index) = self.pair_indices()?;
         // Every stratum's batch in one untracked pass.
         let (real_x, real_y, real_segments) = self.real_batch(rng)?;
         let fwd = grads::forward(&c.model, params, &real_x, self.path)?;
@@ -425,10 +434,10 @@ impl Distiller {
             path: self.path,
             distance: c.distance,
             params: params.to_vec(),
-            g_real: select_rows(g_real, real_index.as_ref())?,
-            syn_labels: self.label_tensor(&self.plan.syn_labels)?,
+            g_real: select_rows(g_real, self.real_index.as_ref())?,
+            syn_labels: self.syn_labels.clone(),
             syn_segments: self.plan.syn_segments.clone(),
-            syn_index,
+            syn_index: self.syn_index.clone(),
             real_images: real_segments.total(),
         })
     }
@@ -470,7 +479,7 @@ impl Distiller {
                     .iter()
                     .map(|&i| self.plan.syn_labels[i as usize])
                     .collect();
-                let y = self.label_tensor(&labels)?;
+                let y = label_tensor(&labels, &self.device)?;
                 let (g, _) = grads::batch_gradients(&c.model, params, &x, &y, self.path)?;
                 for (p, g) in params.iter_mut().zip(g) {
                     *p = (&*p - (g * c.lr_net)?)?;
@@ -494,30 +503,11 @@ impl Distiller {
         }
         let idx = Tensor::new(chosen.as_slice(), &self.device)?;
         let images = self.real.images.index_select(&idx, 0)?;
-        Ok((images, self.label_tensor(&labels)?, Segments::new(lens)?))
-    }
-
-    /// Index tensors that expand per-segment (per-stratum) gradients into per-term rows; `None`
-    /// when the terms are the segments themselves, in order.
-    fn pair_indices(&self) -> Result<(Option<Tensor>, Option<Tensor>), DistillError> {
-        let expand = |column: Vec<u32>, count: usize| -> Result<Option<Tensor>, DistillError> {
-            if column.len() == count && column.iter().enumerate().all(|(i, &v)| i as u32 == v) {
-                Ok(None)
-            } else {
-                Ok(Some(Tensor::new(column.as_slice(), &self.device)?))
-            }
-        };
-        let syn: Vec<u32> = self.plan.pairs.iter().map(|&(s, _)| s as u32).collect();
-        let real: Vec<u32> = self.plan.pairs.iter().map(|&(_, r)| r as u32).collect();
         Ok((
-            expand(syn, self.plan.syn_segments.count())?,
-            expand(real, self.plan.strata.len())?,
+            images,
+            label_tensor(&labels, &self.device)?,
+            Segments::new(lens)?,
         ))
-    }
-
-    fn label_tensor(&self, labels: &[u8]) -> Result<Tensor, DistillError> {
-        let v: Vec<u32> = labels.iter().map(|&l| u32::from(l)).collect();
-        Ok(Tensor::from_vec(v, labels.len(), &self.device)?)
     }
 
     /// Writes images, momentum, iteration and settings to `path` (through a temporary file, so
@@ -657,6 +647,33 @@ fn f32_bytes(t: &Tensor) -> Result<Vec<u8>, DistillError> {
 fn f64_bytes(t: &Tensor) -> Result<Vec<u8>, DistillError> {
     let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// Index tensors that expand per-segment (per-stratum) gradients into per-term rows; `None`
+/// when the terms are the segments themselves, in order.
+fn pair_indices(
+    plan: &Plan,
+    device: &Device,
+) -> Result<(Option<Tensor>, Option<Tensor>), DistillError> {
+    let expand = |column: Vec<u32>, count: usize| -> Result<Option<Tensor>, DistillError> {
+        if column.len() == count && column.iter().enumerate().all(|(i, &v)| i as u32 == v) {
+            Ok(None)
+        } else {
+            Ok(Some(Tensor::new(column.as_slice(), device)?))
+        }
+    };
+    let syn: Vec<u32> = plan.pairs.iter().map(|&(s, _)| s as u32).collect();
+    let real: Vec<u32> = plan.pairs.iter().map(|&(_, r)| r as u32).collect();
+    Ok((
+        expand(syn, plan.syn_segments.count())?,
+        expand(real, plan.strata.len())?,
+    ))
+}
+
+/// Class labels as a U32 tensor on `device`.
+fn label_tensor(labels: &[u8], device: &Device) -> Result<Tensor, DistillError> {
+    let v: Vec<u32> = labels.iter().map(|&l| u32::from(l)).collect();
+    Ok(Tensor::from_vec(v, labels.len(), device)?)
 }
 
 /// `grads[p].index_select(index, 0)` for every parameter, or the gradients themselves.

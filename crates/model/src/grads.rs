@@ -26,6 +26,7 @@
 
 use crate::config::LEAKY_RELU_SLOPE;
 use crate::layers::NORM_EPS;
+use crate::ops::{self, flip};
 use crate::{Activation, ConvNetConfig, Norm, Pooling, kernels};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
@@ -185,10 +186,7 @@ pub fn n_params(config: &ConvNetConfig) -> usize {
 /// A per-channel vector (O) broadcast to (N, O, L) through an explicit (N, O, 1), so that its
 /// backward reduces over the trailing dimension.
 fn channels(t: &Tensor, n: usize, l: usize) -> Result<Tensor> {
-    let o = t.elem_count();
-    t.reshape((1, o, 1))?
-        .broadcast_as((n, o, 1))?
-        .broadcast_as((n, o, l))
+    ops::expand_channels(t, n)?.broadcast_as((n, t.elem_count(), l))
 }
 
 /// 2x2 average pooling of (N, O, H, W) with even H, W.
@@ -206,13 +204,6 @@ fn avg_pool_backward(g: &Tensor) -> Result<Tensor> {
         .reshape((n * o * h2, 1, w2, 1))?
         .broadcast_as((n * o * h2, 2, w2, 2))?
         .reshape((n, o, 2 * h2, 2 * w2))
-}
-
-/// Reverses dimension `dim`.
-fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
-    let n = t.dim(dim)? as u32;
-    let reversed = Tensor::from_vec((0..n).rev().collect::<Vec<u32>>(), n as usize, t.device())?;
-    t.index_select(&reversed, dim)
 }
 
 /// The ConvNet forward pass on `xs` (N, C, H, W) with `params` in

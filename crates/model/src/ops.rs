@@ -85,7 +85,7 @@ impl CustomOp2 for Conv2dStride1 {
 }
 
 /// Reverses dimension `dim`.
-fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
+pub(crate) fn flip(t: &Tensor, dim: usize) -> Result<Tensor> {
     let n = t.dim(dim)? as u32;
     let reversed = Tensor::from_vec((0..n).rev().collect::<Vec<u32>>(), n as usize, t.device())?;
     t.index_select(&reversed, dim)
