@@ -24,7 +24,8 @@ pub struct DistillArgs {
     /// (FairDD).
     #[arg(long, default_value = "group")]
     mode: MatchMode,
-    /// quick: width 32, real batch 64, loops 5/10, 20 iterations (minutes on a 2-core CPU);
+    /// quick: width 32, real batch 64 per class or 16 per group, loops 5/10, 20 iterations
+    /// (minutes on a 2-core CPU);
     /// paper: the protocol (width 128, real batch 256, loops from the ipc table, 1000 iterations).
     #[arg(long, default_value = "quick")]
     preset: Preset,

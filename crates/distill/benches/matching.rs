@@ -44,9 +44,9 @@ fn matching_step(c: &mut Criterion) {
     let split = biased_split(45_000, 0.01);
     // The paper size (width 128, real batch 256) takes tens of seconds per step on a 2-core CPU;
     // set DEBIASDD_BENCH_PAPER=1 to include it.
-    let mut sizes = vec![(Preset::Quick, "quick_w32_b64")];
+    let mut sizes = vec![(Preset::Quick, "quick_w32")];
     if std::env::var_os("DEBIASDD_BENCH_PAPER").is_some() {
-        sizes.push((Preset::Paper, "paper_w128_b256"));
+        sizes.push((Preset::Paper, "paper_w128"));
     }
     for (preset, name) in sizes {
         let mut group = c.benchmark_group(format!("dc_matching_step_{name}_cpu"));
