@@ -6,12 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use debiasdd_cmnist::{ColoredMnistConfig, Preset};
+use debiasdd_cmnist::{ColoredMnistConfig, PROTOCOL_RATIOS, Preset};
 
 use crate::download;
-
-/// The bias-conflicting ratios the protocol studies.
-pub const PROTOCOL_RATIOS: [f64; 5] = [0.005, 0.01, 0.02, 0.05, 0.1];
 
 #[derive(Debug, clap::Args)]
 pub struct CmnistArgs {
@@ -32,10 +29,7 @@ pub struct CmnistArgs {
 
 /// The file a (preset, ratio, seed) dataset is stored under.
 pub fn dataset_path(dir: &Path, preset: Preset, ratio: f64, seed: u64) -> PathBuf {
-    dir.join(format!(
-        "{}-ratio{ratio}-seed{seed}.safetensors",
-        preset.name()
-    ))
+    dir.join(ColoredMnistConfig::new(preset, ratio, seed).file_name())
 }
 
 pub fn run(args: CmnistArgs, root: &Path) -> Result<()> {

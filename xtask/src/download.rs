@@ -41,7 +41,7 @@ pub struct Args {
     pub dataset: SourceKind,
     /// Copy the four files (`NAME.gz` or raw `NAME`) from this local folder instead of
     /// downloading. For MNIST, defaults to $DEBIASDD_MNIST_DIR when that is set.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", visible_alias = "mnist-dir")]
     pub from: Option<PathBuf>,
     /// Destination folder [default: data/<dataset> under the project root].
     #[arg(long, value_name = "DIR")]
@@ -232,7 +232,7 @@ pub fn copy_from(
 ) -> Result<()> {
     if !from.is_dir() {
         bail!(
-            "--from folder {} does not exist or is not a folder; point it at a folder holding \
+            "--from / --mnist-dir folder {} does not exist or is not a folder; point it at a folder holding \
              the four {kind} IDX files (NAME.gz or NAME)",
             from.display()
         );
@@ -327,7 +327,7 @@ fn no_mirror_message(kind: SourceKind, name: &str, failures: &[String]) -> Strin
     };
     format!(
         "could not download {name}.gz from any {kind} mirror:\n  {}\nWithout internet access, \
-         pass `--from DIR`{env_hint} with a folder holding the four {kind} files (NAME.gz or \
+         pass `--mnist-dir DIR`{env_hint} with a folder holding the four {kind} files (NAME.gz or \
          NAME){example}",
         failures.join("\n  ")
     )
@@ -449,7 +449,7 @@ mod tests {
     }
 
     #[test]
-    fn unreachable_mirrors_fail_fast_and_suggest_from() -> Result<()> {
+    fn unreachable_mirrors_fail_fast_and_suggest_a_local_folder() -> Result<()> {
         let dest = tempfile::tempdir()?;
         let retry = Retry {
             attempts: 3,
@@ -470,7 +470,7 @@ mod tests {
             "took {:?}",
             start.elapsed()
         );
-        assert!(msg.contains("--from"), "{msg}");
+        assert!(msg.contains("--mnist-dir"), "{msg}");
         assert!(msg.contains(MNIST_DIR_ENV), "{msg}");
         assert!(
             msg.contains("http://127.0.0.1:9/mirror2/train-images-idx3-ubyte.gz"),

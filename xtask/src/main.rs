@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cmnist;
 mod download;
+mod reproduce;
+
+/// The grid runs candle on many small buffers; mimalloc keeps them instead of returning them to
+/// the OS after every op (see the binary's allocator note).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Project automation for debiasdd.
 #[derive(Debug, Parser)]
@@ -27,6 +33,9 @@ enum Task {
     Cmnist(cmnist::CmnistArgs),
     /// Run the criterion benchmarks (release mode) next to PyTorch CPU on the same network.
     Bench(bench::BenchArgs),
+    /// The source paper's experiment: ratios x methods x seeds, each cell generate -> distill ->
+    /// evaluate, plus floors and full-data baselines; writes results/<preset>/ (resumable).
+    Reproduce(reproduce::ReproduceArgs),
 }
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -41,6 +50,7 @@ fn main() -> ExitCode {
         Task::Download(args) => download::run(args, &project_root()).map(drop),
         Task::Cmnist(args) => cmnist::run(args, &project_root()),
         Task::Bench(args) => bench::run(args, &project_root()),
+        Task::Reproduce(args) => reproduce::run(args, &project_root()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -102,6 +102,10 @@ impl std::str::FromStr for Preset {
     }
 }
 
+/// The bias-conflicting ratios the protocol studies (fraction of each class's train images not
+/// in the class's majority colour).
+pub const PROTOCOL_RATIOS: [f64; 5] = [0.005, 0.01, 0.02, 0.05, 0.1];
+
 /// Everything the generator's output depends on, besides the grey files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ColoredMnistConfig {
@@ -149,6 +153,17 @@ impl ColoredMnistConfig {
                 ..base
             },
         }
+    }
+
+    /// The file name this dataset is stored under by `cargo xtask cmnist` and `cargo xtask
+    /// reproduce`: `<preset>-ratio<ratio>-seed<seed>.safetensors`.
+    pub fn file_name(&self) -> String {
+        format!(
+            "{}-ratio{}-seed{}.safetensors",
+            self.preset.name(),
+            self.ratio,
+            self.seed
+        )
     }
 
     /// Checks the values against each other and against the source's size.

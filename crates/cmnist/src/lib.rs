@@ -22,6 +22,6 @@ pub mod io;
 pub mod preview;
 pub mod source;
 
-pub use colored::{ColoredMnist, ColoredMnistConfig, Preset, Split, build};
+pub use colored::{ColoredMnist, ColoredMnistConfig, PROTOCOL_RATIOS, Preset, Split, build};
 pub use error::{CmnistError, Result};
 pub use source::{GreySource, SourceKind, Verification};

@@ -1,0 +1,280 @@
+//! What a reproduction runs: the grid (ratios x methods x seeds) and the settings of every step.
+
+use std::fmt;
+use std::str::FromStr;
+
+use debiasdd_cmnist::{ColoredMnistConfig, PROTOCOL_RATIOS};
+use debiasdd_distill::{DistillConfig, Init, MatchMode, Preset};
+use debiasdd_eval::augment::Augment;
+use debiasdd_eval::evaluate::EvalConfig;
+use debiasdd_eval::train::TrainConfig;
+use debiasdd_model::{ConvNetConfig, ModelConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ReproduceError;
+
+/// A named grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReproducePreset {
+    /// The whole grid on a 2-core CPU in under an hour: one seed, class- and group-wise DC at the
+    /// quick distillation preset with 10 iterations, sets scored by 2 ConvNets (width 32, 100
+    /// epochs, no augmentation), full-data baselines of one pass at width 16.
+    Quick,
+    /// The protocol (a GPU job): three seeds, all three matching modes at the paper distillation
+    /// preset (width 128, 1000 iterations), sets scored by 5 ConvNets with DC's evaluation
+    /// (width 128, 1000 epochs with augmentation), baselines of 5 passes at width 128.
+    Paper,
+}
+
+impl ReproducePreset {
+    pub const ALL: [ReproducePreset; 2] = [ReproducePreset::Quick, ReproducePreset::Paper];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReproducePreset::Quick => "quick",
+            ReproducePreset::Paper => "paper",
+        }
+    }
+}
+
+impl fmt::Display for ReproducePreset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ReproducePreset {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown preset `{s}`; expected quick or paper"))
+    }
+}
+
+/// How each cell's synthetic set is distilled: a distillation preset plus the overrides the grid
+/// applies to it. The matching mode and the seed come from the cell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSettings {
+    pub preset: Preset,
+    pub ipc: usize,
+    /// Iterations [the preset's].
+    pub iterations: Option<usize>,
+    /// ConvNet width [the preset's].
+    pub width: Option<usize>,
+    /// Outer and inner loops [the preset's].
+    pub outer_loop: Option<usize>,
+    pub inner_loop: Option<usize>,
+    /// Real images per class or group [the preset's, which differs between modes].
+    pub batch_real: Option<usize>,
+    pub init: Init,
+}
+
+/// Every setting of a reproduction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReproduceConfig {
+    pub preset: ReproducePreset,
+    /// Bias-conflicting ratios of the Colored MNIST train split.
+    pub ratios: Vec<f64>,
+    /// Matching modes distilled at every ratio.
+    pub modes: Vec<MatchMode>,
+    /// Each seed gives its own dataset, distillation, subsets and evaluation.
+    pub seeds: Vec<u64>,
+    /// The Colored MNIST generator; ratio and seed are set per cell.
+    pub cmnist: ColoredMnistConfig,
+    pub distill: DistillSettings,
+    /// How distilled sets and random subsets are scored; the seed is set per cell.
+    pub eval: EvalConfig,
+    /// How the full-data baselines are trained and scored; sampling and seed are set per cell.
+    pub baseline: EvalConfig,
+    /// Distillation checkpoints every this many iterations (and on Ctrl-C).
+    pub checkpoint_every: usize,
+}
+
+fn convnet(width: usize) -> ModelConfig {
+    ModelConfig::ConvNet(ConvNetConfig {
+        width,
+        ..ConvNetConfig::default()
+    })
+}
+
+impl ReproduceConfig {
+    /// The settings of `preset`.
+    pub fn preset(preset: ReproducePreset) -> Self {
+        let no_augment = |epochs: usize| TrainConfig {
+            epochs,
+            augment: Augment::None,
+            ..TrainConfig::default()
+        };
+        let cmnist = ColoredMnistConfig::new(debiasdd_cmnist::Preset::Seed, 0.0, 0);
+        match preset {
+            ReproducePreset::Quick => Self {
+                preset,
+                ratios: PROTOCOL_RATIOS.to_vec(),
+                modes: vec![MatchMode::Class, MatchMode::Group],
+                seeds: vec![0],
+                cmnist,
+                distill: DistillSettings {
+                    preset: Preset::Quick,
+                    ipc: 10,
+                    iterations: Some(10),
+                    width: None,
+                    outer_loop: None,
+                    inner_loop: None,
+                    batch_real: None,
+                    init: Init::Noise,
+                },
+                eval: EvalConfig {
+                    model: convnet(32),
+                    train: no_augment(100),
+                    n_models: 2,
+                    seed: 0,
+                },
+                baseline: EvalConfig {
+                    model: convnet(16),
+                    train: no_augment(0),
+                    n_models: 1,
+                    seed: 0,
+                },
+                checkpoint_every: 5,
+            },
+            ReproducePreset::Paper => Self {
+                preset,
+                ratios: PROTOCOL_RATIOS.to_vec(),
+                modes: MatchMode::ALL.to_vec(),
+                seeds: vec![0, 1, 2],
+                cmnist,
+                distill: DistillSettings {
+                    preset: Preset::Paper,
+                    ipc: 10,
+                    iterations: None,
+                    width: None,
+                    outer_loop: None,
+                    inner_loop: None,
+                    batch_real: None,
+                    init: Init::Noise,
+                },
+                eval: EvalConfig {
+                    model: convnet(128),
+                    train: TrainConfig::dc(true),
+                    n_models: 5,
+                    seed: 0,
+                },
+                baseline: EvalConfig {
+                    model: convnet(128),
+                    train: no_augment(4),
+                    n_models: 1,
+                    seed: 0,
+                },
+                checkpoint_every: 50,
+            },
+        }
+    }
+
+    /// The distillation config of one cell.
+    pub fn distill_config(&self, mode: MatchMode, seed: u64) -> DistillConfig {
+        let s = &self.distill;
+        let mut config = DistillConfig::preset(s.preset, mode, s.ipc);
+        if let Some(iterations) = s.iterations {
+            config.iterations = iterations;
+        }
+        if let Some(width) = s.width {
+            config.model.width = width;
+        }
+        for (value, field) in [
+            (s.outer_loop, &mut config.outer_loop),
+            (s.inner_loop, &mut config.inner_loop),
+            (s.batch_real, &mut config.batch_real),
+        ] {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+        config.init = s.init;
+        config.seed = seed;
+        config
+    }
+
+    /// The Colored MNIST config of one (ratio, seed).
+    pub fn cmnist_config(&self, ratio: f64, seed: u64) -> ColoredMnistConfig {
+        ColoredMnistConfig {
+            ratio,
+            seed,
+            ..self.cmnist.clone()
+        }
+    }
+
+    /// Checks the grid and every step's settings; the error names the setting and the fix.
+    pub fn validate(&self) -> Result<(), ReproduceError> {
+        let invalid = |problem: String| Err(ReproduceError::InvalidConfig(problem));
+        if self.ratios.is_empty() || self.modes.is_empty() || self.seeds.is_empty() {
+            return invalid("the grid needs at least one ratio, one mode and one seed".into());
+        }
+        if let Some(r) = self.ratios.iter().find(|r| !(0.0..=1.0).contains(*r)) {
+            return invalid(format!("ratio {r} is outside [0, 1]"));
+        }
+        for (i, m) in self.modes.iter().enumerate() {
+            if self.modes[..i].contains(m) {
+                return invalid(format!("mode {m} is listed twice"));
+            }
+        }
+        if self.checkpoint_every == 0 {
+            return invalid("checkpoint_every must be at least 1".into());
+        }
+        for &mode in &self.modes {
+            self.distill_config(mode, 0).validate()?;
+        }
+        for (what, eval) in [("eval", &self.eval), ("baseline", &self.baseline)] {
+            if eval.n_models == 0 {
+                return invalid(format!("{what}: 0 models; score at least 1"));
+            }
+            eval.model
+                .validate()
+                .map_err(|e| ReproduceError::InvalidConfig(format!("{what}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate() {
+        for preset in ReproducePreset::ALL {
+            let config = ReproduceConfig::preset(preset);
+            config.validate().unwrap();
+            assert_eq!(config.ratios, PROTOCOL_RATIOS);
+            assert_eq!(preset.name().parse::<ReproducePreset>(), Ok(preset));
+        }
+        let paper = ReproduceConfig::preset(ReproducePreset::Paper);
+        assert_eq!(paper.seeds.len(), 3);
+        let distill = paper.distill_config(MatchMode::Group, 2);
+        assert_eq!((distill.model.width, distill.iterations), (128, 1000));
+        assert_eq!(distill.seed, 2);
+    }
+
+    #[test]
+    fn bad_grids_are_named() {
+        let base = ReproduceConfig::preset(ReproducePreset::Quick);
+        let err = |c: ReproduceConfig| c.validate().unwrap_err().to_string();
+        let mut c = base.clone();
+        c.ratios = vec![1.5];
+        assert!(err(c).contains("ratio 1.5"));
+        let mut c = base.clone();
+        c.seeds.clear();
+        assert!(err(c).contains("at least one"));
+        let mut c = base.clone();
+        c.modes = vec![MatchMode::Group, MatchMode::Group];
+        assert!(err(c).contains("twice"));
+        let mut c = base;
+        c.distill.ipc = 0;
+        assert!(err(c).contains("ipc"));
+    }
+}

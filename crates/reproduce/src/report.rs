@@ -1,0 +1,347 @@
+//! The report of a grid, rewritten after every finished cell: `results.json` (every cell),
+//! `results.md` (tables of mean +- std per ratio and method, next to the published numbers),
+//! and the figures of [`crate::figures`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use debiasdd_distill::MatchMode;
+use debiasdd_eval::metrics::{GroupMetrics, MetricSummary, Stat};
+use debiasdd_eval::train::Sampling;
+use serde::{Deserialize, Serialize};
+
+use crate::cell::{Method, plan};
+use crate::config::ReproduceConfig;
+use crate::error::ReproduceError;
+use crate::figures;
+use crate::run::{CellResult, Paths, collect, write_atomic, write_json};
+
+pub const RESULTS_FORMAT: &str = "debiasdd-results/1";
+
+/// The content of `results.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub format: String,
+    pub config: ReproduceConfig,
+    /// Cells of the grid not finished yet.
+    pub pending: Vec<String>,
+    pub cells: Vec<CellResult>,
+    /// Per method and ratio, over every network of every seed.
+    pub summary: Vec<MethodSummary>,
+}
+
+/// One row of the tables: a method at one ratio, pooled over seeds and networks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodSummary {
+    pub method: Method,
+    pub label: String,
+    pub ratio: f64,
+    pub seeds: Vec<u64>,
+    pub summary: MetricSummary,
+}
+
+/// A published number and the method and ratio of ours it stands next to.
+#[derive(Debug, Clone, Copy)]
+pub struct Reference {
+    pub method: Method,
+    pub ratio: f64,
+    /// Unbiased test accuracy, %.
+    pub accuracy: f64,
+    pub setting: &'static str,
+}
+
+/// The published numbers of the protocol (§4) that have a counterpart in the grid.
+pub fn references() -> Vec<Reference> {
+    let mut refs = Vec::new();
+    let lff =
+        "LfF Colored MNIST, full data (DeNetDM, NeurIPS 2024); their network and training differ";
+    for (ratio, erm, best) in [
+        (0.005, 35.3, 74.7),
+        (0.01, 50.3, 85.2),
+        (0.02, 62.3, 89.3),
+        (0.05, 77.6, 93.5),
+    ] {
+        refs.push(Reference {
+            method: Method::Baseline(Sampling::Shuffle),
+            ratio,
+            accuracy: erm,
+            setting: lff,
+        });
+        refs.push(Reference {
+            method: Method::Baseline(Sampling::GroupBalanced),
+            ratio,
+            accuracy: best,
+            setting: "best full-data debiasing (DeNetDM), not balanced ERM; an upper reference",
+        });
+    }
+    let fairdd = "FairDD protocol (ReBias palette, binarised digits, 60k train), ipc 10, width 128, 1000 iterations";
+    refs.push(Reference {
+        method: Method::Distill(MatchMode::Class),
+        ratio: 0.1,
+        accuracy: 71.4,
+        setting: fairdd,
+    });
+    refs.push(Reference {
+        method: Method::Distill(MatchMode::ClassVsGroups),
+        ratio: 0.1,
+        accuracy: 90.6,
+        setting: fairdd,
+    });
+    let small = "official DC code, width 32, loops 5/10, real batch 64 per class or group, 20 iterations; 2 ConvNets, 300 epochs";
+    refs.push(Reference {
+        method: Method::Distill(MatchMode::Class),
+        ratio: 0.01,
+        accuracy: 28.7,
+        setting: small,
+    });
+    refs.push(Reference {
+        method: Method::Distill(MatchMode::Group),
+        ratio: 0.01,
+        accuracy: 73.7,
+        setting: small,
+    });
+    refs
+}
+
+/// Pools the finished cells per (method, ratio), in table order.
+pub fn summarise(
+    config: &ReproduceConfig,
+    cells: &[CellResult],
+) -> Result<Vec<MethodSummary>, ReproduceError> {
+    let mut out = Vec::new();
+    for method in Method::all(config) {
+        for &ratio in &config.ratios {
+            let matching: Vec<&CellResult> = cells
+                .iter()
+                .filter(|c| c.cell.method == method && c.cell.ratio == ratio)
+                .collect();
+            if matching.is_empty() {
+                continue;
+            }
+            let runs: Vec<GroupMetrics> = matching
+                .iter()
+                .flat_map(|c| c.report.runs.iter().map(|r| r.metrics.clone()))
+                .collect();
+            out.push(MethodSummary {
+                method,
+                label: method.label().to_owned(),
+                ratio,
+                seeds: matching.iter().map(|c| c.cell.seed).collect(),
+                summary: MetricSummary::from_runs(&runs)?,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Rewrites `results.json`, `results.md` and the figures from the finished cells.
+pub fn write(config: &ReproduceConfig, paths: &Paths) -> Result<(), ReproduceError> {
+    let cells = collect(config, paths)?;
+    let finished: Vec<String> = cells.iter().map(|c| c.id.clone()).collect();
+    let pending: Vec<String> = plan(config)
+        .iter()
+        .map(|c| c.id())
+        .filter(|id| !finished.contains(id))
+        .collect();
+    let summary = summarise(config, &cells)?;
+    let figures = figures::write_all(config, paths, &cells, &summary)?;
+    let markdown = markdown(config, &cells, &summary, &pending, &figures);
+    let results = Results {
+        format: RESULTS_FORMAT.to_owned(),
+        config: config.clone(),
+        pending,
+        cells,
+        summary,
+    };
+    write_json(&paths.out.join("results.json"), &results)?;
+    write_atomic(&paths.out.join("results.md"), markdown.as_bytes())
+}
+
+fn fmt_stat(stat: Option<&Stat>) -> String {
+    match stat {
+        Some(s) => format!("{:.1} ± {:.1}", s.mean, s.std),
+        None => "n/a".to_owned(),
+    }
+}
+
+fn ratio_header(config: &ReproduceConfig) -> String {
+    let mut s = "| method |".to_owned();
+    for r in &config.ratios {
+        let _ = write!(s, " {r} |");
+    }
+    s.push_str("\n|---|");
+    for _ in &config.ratios {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    s
+}
+
+/// The markdown report.
+fn markdown(
+    config: &ReproduceConfig,
+    cells: &[CellResult],
+    summary: &[MethodSummary],
+    pending: &[String],
+    figures: &figures::Written,
+) -> String {
+    let mut md = String::new();
+    let total = cells.len() + pending.len();
+    let compute: f64 = cells
+        .iter()
+        .map(|c| c.produce_seconds + c.eval_seconds)
+        .sum();
+    let _ = writeln!(
+        md,
+        "# Debiased dataset distillation on Colored MNIST: preset `{}`\n",
+        config.preset
+    );
+    let _ = writeln!(
+        md,
+        "Written by `cargo xtask reproduce --preset {}`. {} of {total} cells done{}; {:.1} min of \
+         distillation and evaluation in all.\n",
+        config.preset,
+        cells.len(),
+        if pending.is_empty() {
+            String::new()
+        } else {
+            format!(" (pending: {})", pending.join(", "))
+        },
+        compute / 60.0
+    );
+    let d = config.distill_config(MatchMode::Class, 0);
+    let dg = config.distill_config(MatchMode::Group, 0);
+    let _ = writeln!(
+        md,
+        "Settings: Colored MNIST preset `{}` ({} train images; the ratio is the share of \
+         bias-conflicting images per class); seeds {:?}. Distillation: ipc {}, width {}, loops \
+         {}/{}, {} iterations from {} init, real batch {} per class ({} per group in the \
+         group-based modes), distance `{}`. Distilled sets and random subsets of the same size are \
+         scored by {} ConvNet(s) of width {}, {} epochs{}. Full-data baselines: {} ConvNet(s) of \
+         width {}, {} pass(es) over the train split. Mean ± std over every network of every seed; \
+         all numbers on the unbiased test split.\n",
+        config.cmnist.preset.name(),
+        config.cmnist.train_size,
+        config.seeds,
+        d.ipc,
+        d.model.width,
+        d.outer_loop,
+        d.inner_loop,
+        d.iterations,
+        d.init,
+        d.batch_real,
+        dg.batch_real,
+        d.distance,
+        config.eval.n_models,
+        model_width(&config.eval.model),
+        config.eval.train.epochs + 1,
+        if config.eval.train.augment == debiasdd_eval::augment::Augment::None {
+            ", no augmentation"
+        } else {
+            ", DC augmentation"
+        },
+        config.baseline.n_models,
+        model_width(&config.baseline.model),
+        config.baseline.train.epochs + 1,
+    );
+    let lookup: BTreeMap<(String, String), &MethodSummary> = summary
+        .iter()
+        .map(|s| ((s.method.slug().to_owned(), s.ratio.to_string()), s))
+        .collect();
+    type Pick = fn(&MetricSummary) -> Option<&Stat>;
+    let tables: [(&str, Pick); 4] = [
+        ("Unbiased test accuracy (%)", |s| Some(&s.accuracy)),
+        ("Bias-conflicting accuracy (%)", |s| {
+            s.conflicting_accuracy.as_ref()
+        }),
+        ("Worst-group accuracy (%)", |s| {
+            Some(&s.worst_group_accuracy)
+        }),
+        (
+            "DEO_M (%, max gap between groups of a class; lower is fairer)",
+            |s| Some(&s.deo_max),
+        ),
+    ];
+    for (title, pick) in tables {
+        let _ = writeln!(md, "## {title}\n");
+        md.push_str(&ratio_header(config));
+        for method in Method::all(config) {
+            let _ = write!(md, "| {} |", method.label());
+            for r in &config.ratios {
+                let cell = lookup
+                    .get(&(method.slug().to_owned(), r.to_string()))
+                    .map_or("—".to_owned(), |s| fmt_stat(pick(&s.summary)));
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+
+    md.push_str("## Published numbers next to ours (unbiased accuracy, %)\n\n");
+    md.push_str(
+        "| ratio | method | published | ours | published setting |\n|---:|---|---:|---:|---|\n",
+    );
+    for r in references() {
+        if !config.ratios.contains(&r.ratio) || !Method::all(config).contains(&r.method) {
+            continue;
+        }
+        let ours = lookup
+            .get(&(r.method.slug().to_owned(), r.ratio.to_string()))
+            .map_or("—".to_owned(), |s| fmt_stat(Some(&s.summary.accuracy)));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} | {ours} | {} |",
+            r.ratio,
+            r.method.label(),
+            r.accuracy,
+            r.setting
+        );
+    }
+    md.push_str(
+        "\nNo published number uses exactly this grid's settings: read the comparison as a \
+         sanity check of magnitudes, not as a reproduction of a table.\n\n",
+    );
+
+    md.push_str("## Figures\n\n");
+    for (ratio, file) in &figures.synthetic {
+        let _ = writeln!(
+            md,
+            "Ratio {ratio}, synthetic sets side by side ({}; rows = classes):\n\n![]({file})\n",
+            figures.synthetic_columns.join(" | ")
+        );
+    }
+    for (title, file) in &figures.plots {
+        let _ = writeln!(md, "{title}:\n\n![]({file})\n");
+    }
+    if !figures.heatmaps.is_empty() {
+        let _ = writeln!(
+            md,
+            "Per-group test accuracy at ratio {} (rows = digits, columns = colours; the diagonal \
+             is bias-aligned):\n",
+            figures.heatmap_ratio
+        );
+        md.push_str("| method | heat map |\n|---|---|\n");
+        for (label, file) in &figures.heatmaps {
+            let _ = writeln!(md, "| {label} | ![]({file}) |");
+        }
+        md.push('\n');
+    }
+
+    md.push_str("## Time per cell\n\n| cell | train set (s) | evaluation (s) |\n|---|---:|---:|\n");
+    for c in cells {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} |",
+            c.id, c.produce_seconds, c.eval_seconds
+        );
+    }
+    md
+}
+
+fn model_width(model: &debiasdd_model::ModelConfig) -> String {
+    match model {
+        debiasdd_model::ModelConfig::ConvNet(c) => c.width.to_string(),
+        other => format!("{other:?}"),
+    }
+}

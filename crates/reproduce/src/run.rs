@@ -1,0 +1,526 @@
+//! The runner: datasets, then every cell not yet done, each leaving its files and a
+//! `result.json` in its own folder; the report is rewritten after every cell.
+//!
+//! Layout under `out`: `cells/<id>/` per cell (synthetic set or subset, distillation checkpoint
+//! and history, grid, heat map, `result.json`), and the report files of [`crate::report`].
+//! A cell with a `result.json` is done and never recomputed (unless its settings changed, which
+//! is an error); an interrupted distillation resumes from its checkpoint.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use debiasdd_cmnist::{ColoredMnist, GreySource};
+use debiasdd_distill::Distiller;
+use debiasdd_eval::data::{ImageSet, Normalization, SyntheticSet, random_real_subset};
+use debiasdd_eval::evaluate::{EvalConfig, EvalProgress, EvalReport, evaluate};
+use debiasdd_groups::GroupSpec;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::cell::{Cell, Method, plan};
+use crate::config::ReproduceConfig;
+use crate::error::ReproduceError;
+use crate::report;
+
+/// Where a reproduction reads and writes.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The results folder (`results/<preset>` for `cargo xtask reproduce`).
+    pub out: PathBuf,
+    /// Where generated Colored MNIST files are cached (`data/cmnist`).
+    pub datasets: PathBuf,
+}
+
+impl Paths {
+    pub fn cell_dir(&self, cell: &Cell) -> PathBuf {
+        self.out.join("cells").join(cell.id())
+    }
+}
+
+/// What one finished cell measured; stored as its `result.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellResult {
+    pub id: String,
+    pub cell: Cell,
+    pub label: String,
+    /// What produced the training set (distillation config, subset recipe, baseline sampling),
+    /// and how it was scored.
+    pub settings: serde_json::Value,
+    /// Seconds spent producing the training set (distillation over all sessions, subset draw).
+    pub produce_seconds: f64,
+    /// Seconds spent training and scoring the networks.
+    pub eval_seconds: f64,
+    pub report: EvalReport,
+}
+
+/// What the runner tells its caller (progress bars, logs).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The grid is planned: `done` of `total` cells are already finished; the costs are the
+    /// relative weights of [`Cell::cost`].
+    Planned {
+        total: usize,
+        done: usize,
+        total_cost: f64,
+        done_cost: f64,
+    },
+    /// A Colored MNIST file was generated or found in the cache.
+    Dataset {
+        path: &'a Path,
+        generated: bool,
+        empty_groups: usize,
+    },
+    /// A cell starts (or resumes).
+    CellStarted {
+        cell: &'a Cell,
+        index: usize,
+        total: usize,
+    },
+    /// Progress within the current cell, `fraction` in [0, 1].
+    Progress {
+        cell: &'a Cell,
+        fraction: f64,
+        message: String,
+    },
+    CellFinished {
+        cell: &'a Cell,
+        result: &'a CellResult,
+    },
+    /// The stop flag was seen; the run ends after saving what it can.
+    Interrupted {
+        cell: &'a Cell,
+        checkpoint: Option<&'a Path>,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Complete,
+    Interrupted,
+}
+
+/// The dataset of one (ratio, seed), generated into the cache when missing.
+fn dataset(
+    config: &ReproduceConfig,
+    ratio: f64,
+    seed: u64,
+    source: &dyn Fn() -> Result<GreySource, ReproduceError>,
+    paths: &Paths,
+    observer: &mut dyn FnMut(Event<'_>),
+) -> Result<ColoredMnist, ReproduceError> {
+    let wanted = config.cmnist_config(ratio, seed);
+    let path = paths.datasets.join(wanted.file_name());
+    if path.exists() {
+        let data = debiasdd_cmnist::io::load(&path)?;
+        if data.config != wanted {
+            return Err(ReproduceError::StaleDataset {
+                path,
+                problem: format!(
+                    "its config is {}",
+                    serde_json::to_string(&data.config).unwrap_or_default()
+                ),
+            });
+        }
+        observer(Event::Dataset {
+            path: &path,
+            generated: false,
+            empty_groups: data.train.group_index().empty_groups().len(),
+        });
+        return Ok(data);
+    }
+    let data = debiasdd_cmnist::build(&source()?, &wanted)?;
+    debiasdd_cmnist::io::save(&data, &path)?;
+    debiasdd_cmnist::preview::write_preview(
+        &data.train,
+        &wanted.palette,
+        &path.with_extension("png"),
+    )?;
+    observer(Event::Dataset {
+        path: &path,
+        generated: true,
+        empty_groups: data.train.group_index().empty_groups().len(),
+    });
+    Ok(data)
+}
+
+/// The settings a cell's result depends on, as stored in its `result.json`.
+fn settings(config: &ReproduceConfig, cell: &Cell) -> serde_json::Value {
+    let eval = eval_config(config, cell);
+    let produce = match cell.method {
+        Method::Distill(mode) => serde_json::to_value(config.distill_config(mode, cell.seed)),
+        Method::Floor(stratify) => Ok(serde_json::json!({
+            "method": "random-real-subset",
+            "stratify": stratify,
+            "per_stratum": floor_size(config, stratify),
+            "seed": cell.seed,
+        })),
+        Method::Baseline(sampling) => Ok(serde_json::json!({ "sampling": sampling })),
+    }
+    .expect("configs serialise");
+    serde_json::json!({
+        "data": config.cmnist_config(cell.ratio, cell.seed),
+        "train_set": produce,
+        "eval": eval,
+    })
+}
+
+/// Images per class (class-stratified) or per group (group-stratified) of a floor: the size of
+/// the distilled set.
+fn floor_size(config: &ReproduceConfig, stratify: debiasdd_eval::data::Stratify) -> usize {
+    match stratify {
+        debiasdd_eval::data::Stratify::Class => config.distill.ipc,
+        debiasdd_eval::data::Stratify::Group => {
+            (config.distill.ipc / GroupSpec::COLORED_MNIST.n_attributes()).max(1)
+        }
+    }
+}
+
+fn eval_config(config: &ReproduceConfig, cell: &Cell) -> EvalConfig {
+    let mut eval = match cell.method {
+        Method::Baseline(sampling) => {
+            let mut e = config.baseline.clone();
+            e.train.sampling = sampling;
+            e
+        }
+        _ => config.eval.clone(),
+    };
+    eval.seed = cell.seed;
+    eval
+}
+
+/// The stored result of `cell`, if it is done with the current settings.
+fn finished(
+    config: &ReproduceConfig,
+    cell: &Cell,
+    paths: &Paths,
+) -> Result<Option<CellResult>, ReproduceError> {
+    let path = paths.cell_dir(cell).join("result.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| ReproduceError::read(&path, e))?;
+    let result: CellResult =
+        serde_json::from_str(&text).map_err(|e| ReproduceError::read(&path, e))?;
+    if result.settings != settings(config, cell) {
+        return Err(ReproduceError::StaleCell {
+            id: cell.id(),
+            dir: paths.cell_dir(cell),
+        });
+    }
+    Ok(Some(result))
+}
+
+/// Every finished result of the grid, in plan order.
+pub fn collect(config: &ReproduceConfig, paths: &Paths) -> Result<Vec<CellResult>, ReproduceError> {
+    let mut results = Vec::new();
+    for cell in plan(config) {
+        if let Some(result) = finished(config, &cell, paths)? {
+            results.push(result);
+        }
+    }
+    Ok(results)
+}
+
+/// Runs every unfinished cell of the grid, writing the report after each. `source` loads the
+/// grey MNIST files and is only called when a dataset must be generated. Setting `stop` makes
+/// the run end at the next safe point (after a distillation iteration, with a checkpoint; or
+/// after the current evaluation).
+pub fn run(
+    config: &ReproduceConfig,
+    source: &dyn Fn() -> Result<GreySource, ReproduceError>,
+    paths: &Paths,
+    device: &Device,
+    stop: &AtomicBool,
+    observer: &mut dyn FnMut(Event<'_>),
+) -> Result<Outcome, ReproduceError> {
+    config.validate()?;
+    let cells = plan(config);
+    let mut done = Vec::with_capacity(cells.len());
+    for cell in &cells {
+        done.push(finished(config, cell, paths)?.is_some());
+    }
+    let cost = |c: &Cell| c.cost(config);
+    observer(Event::Planned {
+        total: cells.len(),
+        done: done.iter().filter(|&&d| d).count(),
+        total_cost: cells.iter().map(cost).sum(),
+        done_cost: cells
+            .iter()
+            .zip(&done)
+            .filter(|(_, d)| **d)
+            .map(|(c, _)| cost(c))
+            .sum(),
+    });
+    report::write(config, paths)?;
+    let mut data: Option<(f64, u64, ColoredMnist)> = None;
+    for (index, cell) in cells.iter().enumerate() {
+        if done[index] {
+            continue;
+        }
+        if stop.load(Ordering::SeqCst) {
+            observer(Event::Interrupted {
+                cell,
+                checkpoint: None,
+            });
+            return Ok(Outcome::Interrupted);
+        }
+        if data
+            .as_ref()
+            .is_none_or(|(r, s, _)| (*r, *s) != (cell.ratio, cell.seed))
+        {
+            let d = dataset(config, cell.ratio, cell.seed, source, paths, observer)?;
+            data = Some((cell.ratio, cell.seed, d));
+        }
+        let (_, _, dataset) = data.as_ref().expect("loaded above");
+        observer(Event::CellStarted {
+            cell,
+            index,
+            total: cells.len(),
+        });
+        let outcome =
+            run_cell(config, cell, dataset, paths, device, stop, observer).map_err(|source| {
+                ReproduceError::Cell {
+                    id: cell.id(),
+                    source: Box::new(source),
+                }
+            })?;
+        match outcome {
+            Some(result) => {
+                let path = paths.cell_dir(cell).join("result.json");
+                write_json(&path, &result)?;
+                observer(Event::CellFinished {
+                    cell,
+                    result: &result,
+                });
+                report::write(config, paths)?;
+            }
+            None => return Ok(Outcome::Interrupted),
+        }
+    }
+    Ok(Outcome::Complete)
+}
+
+/// Pretty JSON, written to a temporary file and renamed so that a crash never leaves half a file.
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ReproduceError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| ReproduceError::write(path, e))?;
+    write_atomic(path, text.as_bytes())
+}
+
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReproduceError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| ReproduceError::write(parent, e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| ReproduceError::write(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ReproduceError::write(path, e))
+}
+
+/// What every step of one cell needs.
+struct CellRun<'a> {
+    config: &'a ReproduceConfig,
+    cell: &'a Cell,
+    data: &'a ColoredMnist,
+    dir: PathBuf,
+    device: &'a Device,
+    stop: &'a AtomicBool,
+}
+
+/// Runs one cell; `None` when it was interrupted (its checkpoint saved).
+fn run_cell(
+    config: &ReproduceConfig,
+    cell: &Cell,
+    data: &ColoredMnist,
+    paths: &Paths,
+    device: &Device,
+    stop: &AtomicBool,
+    observer: &mut dyn FnMut(Event<'_>),
+) -> Result<Option<CellResult>, ReproduceError> {
+    let dir = paths.cell_dir(cell);
+    std::fs::create_dir_all(&dir).map_err(|e| ReproduceError::write(&dir, e))?;
+    let run = CellRun {
+        config,
+        cell,
+        data,
+        dir,
+        device,
+        stop,
+    };
+    let norm = Normalization::of_split(&data.train);
+    let produce_started = Instant::now();
+    // The set the networks are trained on, and the share of the cell's cost already behind.
+    let (train, produce_seconds, produced_fraction) = match cell.method {
+        Method::Distill(mode) => {
+            let fraction = 1.0 - eval_cost(config, cell) / cell.cost(config);
+            let synthetic = run.dir.join("synthetic.safetensors");
+            if !synthetic.exists() && !run.distill(mode, fraction, observer)? {
+                return Ok(None);
+            }
+            let set = SyntheticSet::load(&synthetic)?;
+            (
+                set.set,
+                history_seconds(&run.dir.join("history.jsonl")),
+                fraction,
+            )
+        }
+        Method::Floor(stratify) => {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cell.seed);
+            let set = random_real_subset(
+                &data.train,
+                stratify,
+                floor_size(config, stratify),
+                &mut rng,
+            )?;
+            let synthetic = SyntheticSet {
+                set,
+                norm,
+                config: Some(settings(config, cell)["train_set"].to_string()),
+            };
+            synthetic.save(&run.dir.join("subset.safetensors"))?;
+            let secs = produce_started.elapsed().as_secs_f64();
+            (synthetic.set, secs, 0.0)
+        }
+        Method::Baseline(_) => (ImageSet::from_split(&data.train), 0.0, 0.0),
+    };
+    let eval = eval_config(config, cell);
+    let eval_started = Instant::now();
+    let epochs = eval.train.epochs + 1;
+    let report = evaluate(&train, &norm, &data.test, &eval, device, &mut |p| {
+        if let EvalProgress::Epoch {
+            model,
+            n_models,
+            report,
+        } = p
+        {
+            let done = (model * epochs + report.epoch + 1) as f64 / (n_models * epochs) as f64;
+            observer(Event::Progress {
+                cell,
+                fraction: produced_fraction + (1.0 - produced_fraction) * done,
+                message: format!(
+                    "model {}/{n_models} epoch {}/{}  loss {:.3}",
+                    model + 1,
+                    report.epoch,
+                    report.epochs,
+                    report.loss
+                ),
+            });
+        }
+    })?;
+    debiasdd_eval::heatmap::write_group_heatmap(
+        &report.summary.group_accuracy_mean,
+        &run.dir.join("heat.png"),
+        Some(&data.config.palette),
+    )?;
+    Ok(Some(CellResult {
+        id: cell.id(),
+        cell: *cell,
+        label: cell.method.label().to_owned(),
+        settings: settings(config, cell),
+        produce_seconds,
+        eval_seconds: eval_started.elapsed().as_secs_f64(),
+        report,
+    }))
+}
+
+impl CellRun<'_> {
+    /// Distils the cell's set into its folder, resuming from its checkpoint; `false` when
+    /// interrupted. `share` is the part of the cell's cost the distillation makes up.
+    fn distill(
+        &self,
+        mode: debiasdd_distill::MatchMode,
+        share: f64,
+        observer: &mut dyn FnMut(Event<'_>),
+    ) -> Result<bool, ReproduceError> {
+        let (cell, dir) = (self.cell, &self.dir);
+        let distill = self.config.distill_config(mode, cell.seed);
+        let checkpoint = dir.join("checkpoint.safetensors");
+        let history_path = dir.join("history.jsonl");
+        let mut distiller =
+            Distiller::new(distill.clone(), &self.data.train, self.device, DType::F32)?;
+        if checkpoint.exists() {
+            distiller.load_checkpoint(&checkpoint)?;
+            truncate_history(&history_path, distiller.iteration())?;
+        } else if history_path.exists() {
+            std::fs::remove_file(&history_path)
+                .map_err(|e| ReproduceError::write(&history_path, e))?;
+        }
+        let mut history = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&history_path)
+            .map_err(|e| ReproduceError::write(&history_path, e))?;
+        while !distiller.is_done() {
+            if self.stop.load(Ordering::SeqCst) {
+                distiller.save_checkpoint(&checkpoint)?;
+                observer(Event::Interrupted {
+                    cell,
+                    checkpoint: Some(&checkpoint),
+                });
+                return Ok(false);
+            }
+            let stats = distiller.step()?;
+            writeln!(
+                history,
+                "{}",
+                serde_json::json!({
+                    "iteration": stats.iteration,
+                    "loss": stats.loss,
+                    "seconds": stats.seconds,
+                    "real_images": stats.real_images,
+                })
+            )
+            .map_err(|e| ReproduceError::write(&history_path, e))?;
+            if stats.iteration % self.config.checkpoint_every == 0 {
+                distiller.save_checkpoint(&checkpoint)?;
+            }
+            observer(Event::Progress {
+                cell,
+                fraction: share * stats.iteration as f64 / distill.iterations as f64,
+                message: format!(
+                    "iteration {}/{}  loss {:.3}  {:.1} s/it",
+                    stats.iteration, distill.iterations, stats.loss, stats.seconds
+                ),
+            });
+        }
+        let set = distiller.synthetic_set()?;
+        debiasdd_distill::grid::save(&set, &dir.join("grid.png"))?;
+        distiller.save_checkpoint(&checkpoint)?;
+        set.save(&dir.join("synthetic.safetensors"))?;
+        Ok(true)
+    }
+}
+
+fn eval_cost(config: &ReproduceConfig, cell: &Cell) -> f64 {
+    Cell {
+        method: Method::Floor(debiasdd_eval::data::Stratify::Class),
+        ..*cell
+    }
+    .cost(config)
+}
+
+/// Keeps the first `iterations` lines of a history (a resumed run repeats the ones after its
+/// checkpoint).
+fn truncate_history(path: &Path, iterations: usize) -> Result<(), ReproduceError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .take(iterations)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept).map_err(|e| ReproduceError::write(path, e))
+}
+
+/// Total seconds of the iterations recorded in a history file.
+fn history_seconds(path: &Path) -> f64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["seconds"].as_f64())
+        .sum()
+}

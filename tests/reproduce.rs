@@ -1,0 +1,198 @@
+//! `cargo xtask reproduce`'s code path on a miniature grid: tiny generated MNIST, one ratio,
+//! class- and group-wise distillation of two iterations, floors and baselines. Checks that every
+//! output file exists and parses, that a second run recomputes nothing, that an interrupted run
+//! resumes to the same synthetic sets, and that changed settings are refused.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use debiasdd_cmnist::{GreySource, SourceKind, Verification};
+use debiasdd_distill::MatchMode;
+use debiasdd_eval::data::SyntheticSet;
+use debiasdd_reproduce::report::Results;
+use debiasdd_reproduce::{
+    Event, Method, Outcome, Paths, ReproduceConfig, ReproduceError, ReproducePreset,
+};
+
+fn miniature() -> ReproduceConfig {
+    let mut c = ReproduceConfig::preset(ReproducePreset::Quick);
+    c.ratios = vec![0.2];
+    c.modes = vec![MatchMode::Class, MatchMode::Group];
+    c.cmnist.train_size = 400;
+    c.cmnist.valid_size = 0;
+    c.distill.iterations = Some(2);
+    c.distill.width = Some(8);
+    c.distill.outer_loop = Some(2);
+    c.distill.inner_loop = Some(1);
+    c.distill.batch_real = Some(8);
+    for eval in [&mut c.eval, &mut c.baseline] {
+        eval.model = debiasdd_model::ModelConfig::ConvNet(debiasdd_model::ConvNetConfig {
+            width: 8,
+            ..Default::default()
+        });
+        eval.n_models = 1;
+    }
+    c.eval.train.epochs = 2;
+    c.baseline.train.epochs = 0;
+    c.checkpoint_every = 1;
+    c
+}
+
+/// Runs the grid; returns the outcome and how many cells were started.
+fn run(
+    config: &ReproduceConfig,
+    mnist: &Path,
+    paths: &Paths,
+    stop_after_first_iteration: bool,
+) -> Result<(Outcome, usize), ReproduceError> {
+    let source = || {
+        Ok(GreySource::load(
+            mnist,
+            SourceKind::Mnist,
+            Verification::Skip,
+        )?)
+    };
+    let stop = AtomicBool::new(false);
+    let mut started = 0;
+    let outcome =
+        debiasdd_reproduce::run(
+            config,
+            &source,
+            paths,
+            &Device::Cpu,
+            &stop,
+            &mut |e| match e {
+                Event::CellStarted { .. } => started += 1,
+                Event::Progress { cell, message, .. }
+                    if stop_after_first_iteration
+                        && matches!(cell.method, Method::Distill(_))
+                        && message.starts_with("iteration 1/") =>
+                {
+                    stop.store(true, Ordering::SeqCst)
+                }
+                _ => {}
+            },
+        )?;
+    Ok((outcome, started))
+}
+
+#[test]
+fn miniature_grid_writes_every_output_resumes_and_refuses_changed_settings() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mnist = tmp.path().join("mnist");
+    std::fs::create_dir_all(&mnist)?;
+    debiasdd_cmnist::source::write_synthetic_source(&mnist, 500, 200)?;
+    let config = miniature();
+    let paths = Paths {
+        out: tmp.path().join("results/quick"),
+        datasets: tmp.path().join("cmnist"),
+    };
+    let (outcome, started) = run(&config, &mnist, &paths, false)?;
+    assert_eq!((outcome, started), (Outcome::Complete, 6));
+
+    // results.json: every cell, nothing pending, one summary row per method.
+    let results: Results =
+        serde_json::from_str(&std::fs::read_to_string(paths.out.join("results.json"))?)?;
+    assert_eq!(results.cells.len(), 6);
+    assert!(results.pending.is_empty());
+    assert_eq!(results.summary.len(), 6);
+    for cell in &results.cells {
+        let acc = cell.report.summary.accuracy.mean;
+        assert!((0.0..=100.0).contains(&acc), "{}: {acc}", cell.id);
+        assert_eq!(cell.report.runs.len(), 1);
+        let dir = paths.out.join("cells").join(&cell.id);
+        assert!(dir.join("result.json").is_file() && dir.join("heat.png").is_file());
+    }
+    // results.md: the four metric tables, every method, the published numbers.
+    let md = std::fs::read_to_string(paths.out.join("results.md"))?;
+    for needle in [
+        "Unbiased test accuracy",
+        "Bias-conflicting accuracy",
+        "Worst-group accuracy",
+        "DEO_M",
+        "DC class-wise",
+        "DC group-wise (debiased)",
+        "random real, group-stratified",
+        "full data, group-balanced ERM",
+        "figures/synthetic-r0.2.png",
+    ] {
+        assert!(md.contains(needle), "results.md lacks {needle:?}:\n{md}");
+    }
+    // Figures: Figure 2 (two 10-row grids side by side), plots, one heat map per method.
+    let fig = image::open(paths.out.join("figures/synthetic-r0.2.png"))?;
+    assert!(
+        fig.width() > 2 * fig.height() / 2,
+        "two panels side by side"
+    );
+    for svg in ["accuracy-vs-ratio.svg", "worst-group-vs-ratio.svg"] {
+        let text = std::fs::read_to_string(paths.out.join("figures").join(svg))?;
+        assert!(
+            text.starts_with("<svg") && text.contains("DC group-wise"),
+            "{svg}"
+        );
+    }
+    for cell in &results.cells {
+        let heat = paths
+            .out
+            .join(format!("figures/heat-r0.2-{}.png", cell.cell.method.slug()));
+        image::open(&heat)?;
+    }
+    for mode in ["dc-class", "dc-group"] {
+        let dir = paths.out.join("cells").join(format!("r0.2-s0-{mode}"));
+        image::open(dir.join("grid.png"))?;
+        let history = std::fs::read_to_string(dir.join("history.jsonl"))?;
+        assert_eq!(history.lines().count(), 2);
+    }
+
+    // A second run finds everything done.
+    assert_eq!(run(&config, &mnist, &paths, false)?, (Outcome::Complete, 0));
+
+    // Interrupted after the first distillation iteration, then resumed: the same sets.
+    let resumed = Paths {
+        out: tmp.path().join("results/interrupted"),
+        ..paths.clone()
+    };
+    let (outcome, _) = run(&config, &mnist, &resumed, true)?;
+    assert_eq!(outcome, Outcome::Interrupted);
+    let first_distill = resumed.out.join("cells/r0.2-s0-dc-class");
+    assert!(first_distill.join("checkpoint.safetensors").is_file());
+    assert!(!first_distill.join("result.json").exists());
+    assert_eq!(run(&config, &mnist, &resumed, false)?.0, Outcome::Complete);
+    for mode in ["dc-class", "dc-group"] {
+        let file = format!("cells/r0.2-s0-{mode}/synthetic.safetensors");
+        let load = |root: &Path| SyntheticSet::load(&root.join(&file));
+        let (a, b) = (load(&paths.out)?, load(&resumed.out)?);
+        let max_diff = a
+            .set
+            .images
+            .iter()
+            .zip(&b.set.images)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert_eq!(max_diff, 0.0, "{mode}: the resumed run's images differ");
+        assert_eq!(a, b, "{mode}: the resumed run's set differs");
+        let history = std::fs::read_to_string(
+            resumed
+                .out
+                .join(format!("cells/r0.2-s0-{mode}/history.jsonl")),
+        )?;
+        assert_eq!(
+            history.lines().count(),
+            2,
+            "{mode}: one history line per iteration"
+        );
+    }
+
+    // Changed evaluation settings: the finished cells are refused, not silently mixed in.
+    let mut changed = config.clone();
+    changed.eval.train.epochs = 3;
+    let err = run(&changed, &mnist, &paths, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("other settings") && err.contains("delete"),
+        "{err}"
+    );
+    Ok(())
+}

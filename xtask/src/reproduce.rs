@@ -1,0 +1,236 @@
+//! `cargo xtask reproduce`: the source paper's experiment end to end (see `debiasdd-reproduce`).
+//! This module resolves the grey MNIST files (local folder or download), wires Ctrl-C and draws
+//! one progress bar over the whole grid.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use debiasdd_distill::{Init, MatchMode};
+use debiasdd_reproduce::{Event, Outcome, Paths, ReproduceConfig, ReproduceError, ReproducePreset};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::download;
+
+#[derive(Debug, clap::Args)]
+pub struct ReproduceArgs {
+    /// quick: the whole grid on a 2-core CPU in under an hour (1 seed, class- and group-wise);
+    /// paper: the protocol (3 seeds, all three modes, width 128, 1000 iterations; a GPU job).
+    #[arg(long, default_value = "quick")]
+    preset: ReproducePreset,
+    /// Folder with the four MNIST files (`NAME.gz` or raw). Without it (and without
+    /// $DEBIASDD_MNIST_DIR) they are downloaded into data/mnist.
+    #[arg(long, value_name = "DIR", env = "DEBIASDD_MNIST_DIR")]
+    mnist_dir: Option<PathBuf>,
+    /// cpu, cuda[:N] or metal (the latter two need `--features cuda` / `metal` on xtask).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Results root; the grid writes into <OUT>/<preset>.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    /// Where generated Colored MNIST files are cached [default: data/cmnist].
+    #[arg(long, value_name = "DIR")]
+    datasets: Option<PathBuf>,
+    /// Ratios of the grid (comma-separated) [preset: 0.005,0.01,0.02,0.05,0.1].
+    #[arg(long, value_delimiter = ',')]
+    ratios: Option<Vec<f64>>,
+    /// Matching modes (comma-separated: class, group, class-vs-groups) [preset].
+    #[arg(long, value_delimiter = ',')]
+    modes: Option<Vec<MatchMode>>,
+    /// Seeds (comma-separated) [preset: quick 0, paper 0,1,2].
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    /// Distillation iterations [preset].
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Synthetic initialisation: noise or real [noise].
+    #[arg(long)]
+    init: Option<Init>,
+    /// Accept MNIST files whose checksum differs from the published dataset.
+    #[arg(long)]
+    skip_checksum: bool,
+}
+
+impl ReproduceArgs {
+    fn config(&self) -> ReproduceConfig {
+        let mut c = ReproduceConfig::preset(self.preset);
+        if let Some(r) = &self.ratios {
+            c.ratios = r.clone();
+        }
+        if let Some(m) = &self.modes {
+            c.modes = m.clone();
+        }
+        if let Some(s) = &self.seeds {
+            c.seeds = s.clone();
+        }
+        if let Some(i) = self.iterations {
+            c.distill.iterations = Some(i);
+        }
+        if let Some(init) = self.init {
+            c.distill.init = init;
+        }
+        c
+    }
+}
+
+pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<()> {
+    let config = args.config();
+    config.validate()?;
+    let device = debiasdd_model::device::parse_device(&args.device)?;
+    let out = root.join(&args.out).join(config.preset.name());
+    let paths = Paths {
+        out: out.clone(),
+        datasets: args
+            .datasets
+            .clone()
+            .unwrap_or_else(|| root.join("data/cmnist")),
+    };
+    let source_args = download::Args {
+        from: args.mnist_dir.clone(),
+        skip_checksum: args.skip_checksum,
+        ..download::Args::default()
+    };
+    let source = move || -> Result<debiasdd_cmnist::GreySource, ReproduceError> {
+        download::run(source_args.clone(), root)
+            .map_err(|e| ReproduceError::SourceUnavailable(format!("{e:#}")))
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting now (an unfinished evaluation is redone next time)");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupt: stopping after this distillation iteration (with a checkpoint) or this evaluation; Ctrl-C again to quit now"
+            );
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+
+    println!(
+        "reproduce: preset {}, ratios {:?}, modes {}, seeds {:?}, device {} -> {}",
+        config.preset,
+        config.ratios,
+        config
+            .modes
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.seeds,
+        args.device,
+        out.display()
+    );
+    let started = Instant::now();
+    let bar = ProgressBar::new(1000);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {prefix}  {msg}  (ETA {eta})",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    // Progress is measured in the cells' relative costs, scaled to 1000 steps.
+    let mut state = BarState::default();
+    let outcome = debiasdd_reproduce::run(&config, &source, &paths, &device, &stop, &mut |event| {
+        state.update(&bar, &config, event)
+    });
+    bar.finish_and_clear();
+    let outcome = outcome?;
+    let elapsed = started.elapsed().as_secs_f64() / 60.0;
+    match outcome {
+        Outcome::Complete => println!(
+            "reproduce: all cells done ({elapsed:.1} min this session). Report: {}",
+            out.join("results.md").display()
+        ),
+        Outcome::Interrupted => println!(
+            "reproduce: interrupted after {elapsed:.1} min; finished cells are kept. Run the same \
+             command again to continue. Partial report: {}",
+            out.join("results.md").display()
+        ),
+    }
+    Ok(())
+}
+
+/// Turns runner events into bar positions (in cost units) and log lines.
+#[derive(Debug, Default)]
+struct BarState {
+    total: usize,
+    done: usize,
+    total_cost: f64,
+    done_cost: f64,
+    current_cost: f64,
+}
+
+impl BarState {
+    fn position(&self, fraction: f64) -> u64 {
+        let cost = self.done_cost + fraction * self.current_cost;
+        (1000.0 * cost / self.total_cost.max(1e-9)).round() as u64
+    }
+
+    fn update(&mut self, bar: &ProgressBar, config: &ReproduceConfig, event: Event<'_>) {
+        match event {
+            Event::Planned {
+                total,
+                done,
+                total_cost,
+                done_cost,
+            } => {
+                (self.total, self.done) = (total, done);
+                (self.total_cost, self.done_cost) = (total_cost, done_cost);
+                bar.set_position(self.position(0.0));
+                bar.reset_eta();
+                if done > 0 {
+                    bar.println(format!("{done} of {total} cells already done; continuing"));
+                }
+            }
+            Event::Dataset {
+                path,
+                generated,
+                empty_groups,
+            } => bar.println(format!(
+                "data: {} {}{}",
+                if generated { "generated" } else { "cached" },
+                path.display(),
+                if empty_groups > 0 {
+                    format!(" ({empty_groups} empty groups, skipped by group-wise matching)")
+                } else {
+                    String::new()
+                }
+            )),
+            Event::CellStarted { cell, .. } => {
+                self.current_cost = cell.cost(config);
+                bar.set_prefix(format!("cells {}/{}  {}", self.done, self.total, cell.id()));
+            }
+            Event::Progress {
+                fraction, message, ..
+            } => {
+                bar.set_position(self.position(fraction));
+                bar.set_message(message);
+            }
+            Event::CellFinished { cell, result } => {
+                self.done += 1;
+                self.done_cost += self.current_cost;
+                bar.set_position(self.position(0.0));
+                let s = &result.report.summary;
+                bar.println(format!(
+                    "{:<28} unbiased {:5.1}%  worst group {:5.1}%  ({:.0} s + {:.0} s)",
+                    cell.id(),
+                    s.accuracy.mean,
+                    s.worst_group_accuracy.mean,
+                    result.produce_seconds,
+                    result.eval_seconds
+                ));
+            }
+            Event::Interrupted { cell, checkpoint } => bar.println(match checkpoint {
+                Some(path) => format!("{}: checkpoint {}", cell.id(), path.display()),
+                None => format!("stopped before {}", cell.id()),
+            }),
+        }
+    }
+}
