@@ -157,6 +157,15 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// A log line above the bar, or on stdout when the bar is hidden (output is not a terminal).
+fn say(bar: &ProgressBar, line: impl AsRef<str>) {
+    if bar.is_hidden() {
+        println!("{}", line.as_ref());
+    } else {
+        bar.println(line);
+    }
+}
+
 /// Turns runner events into bar positions (in cost units) and log lines.
 #[derive(Debug, Default)]
 struct BarState {
@@ -186,26 +195,35 @@ impl BarState {
                 bar.set_position(self.position(0.0));
                 bar.reset_eta();
                 if done > 0 {
-                    bar.println(format!("{done} of {total} cells already done; continuing"));
+                    say(
+                        bar,
+                        format!("{done} of {total} cells already done; continuing"),
+                    );
                 }
             }
             Event::Dataset {
                 path,
                 generated,
                 empty_groups,
-            } => bar.println(format!(
-                "data: {} {}{}",
-                if generated { "generated" } else { "cached" },
-                path.display(),
-                if empty_groups > 0 {
-                    format!(" ({empty_groups} empty groups, skipped by group-wise matching)")
-                } else {
-                    String::new()
-                }
-            )),
+            } => say(
+                bar,
+                format!(
+                    "data: {} {}{}",
+                    if generated { "generated" } else { "cached" },
+                    path.display(),
+                    if empty_groups > 0 {
+                        format!(" ({empty_groups} empty groups, skipped by group-wise matching)")
+                    } else {
+                        String::new()
+                    }
+                ),
+            ),
             Event::CellStarted { cell, .. } => {
                 self.current_cost = cell.cost(config);
                 bar.set_prefix(format!("cells {}/{}  {}", self.done, self.total, cell.id()));
+                if bar.is_hidden() {
+                    println!("[{}/{}] {} ...", self.done + 1, self.total, cell.id());
+                }
             }
             Event::Progress {
                 fraction, message, ..
@@ -218,19 +236,25 @@ impl BarState {
                 self.done_cost += self.current_cost;
                 bar.set_position(self.position(0.0));
                 let s = &result.report.summary;
-                bar.println(format!(
-                    "{:<28} unbiased {:5.1}%  worst group {:5.1}%  ({:.0} s + {:.0} s)",
-                    cell.id(),
-                    s.accuracy.mean,
-                    s.worst_group_accuracy.mean,
-                    result.produce_seconds,
-                    result.eval_seconds
-                ));
+                say(
+                    bar,
+                    format!(
+                        "{:<28} unbiased {:5.1}%  worst group {:5.1}%  ({:.0} s + {:.0} s)",
+                        cell.id(),
+                        s.accuracy.mean,
+                        s.worst_group_accuracy.mean,
+                        result.produce_seconds,
+                        result.eval_seconds
+                    ),
+                );
             }
-            Event::Interrupted { cell, checkpoint } => bar.println(match checkpoint {
-                Some(path) => format!("{}: checkpoint {}", cell.id(), path.display()),
-                None => format!("stopped before {}", cell.id()),
-            }),
+            Event::Interrupted { cell, checkpoint } => say(
+                bar,
+                match checkpoint {
+                    Some(path) => format!("{}: checkpoint {}", cell.id(), path.display()),
+                    None => format!("stopped before {}", cell.id()),
+                },
+            ),
         }
     }
 }

@@ -205,7 +205,7 @@ fn markdown(
         if pending.is_empty() {
             String::new()
         } else {
-            format!(" (pending: {})", pending.join(", "))
+            format!(" ({} pending, listed in results.json)", pending.len())
         },
         compute / 60.0
     );
@@ -217,9 +217,9 @@ fn markdown(
          bias-conflicting images per class); seeds {:?}. Distillation: ipc {}, width {}, loops \
          {}/{}, {} iterations from {} init, real batch {} per class ({} per group in the \
          group-based modes), distance `{}`. Distilled sets and random subsets of the same size are \
-         scored by {} ConvNet(s) of width {}, {} epochs{}. Full-data baselines: {} ConvNet(s) of \
-         width {}, {} pass(es) over the train split. Mean ± std over every network of every seed; \
-         all numbers on the unbiased test split.\n",
+         scored by {} of width {} trained for E = {} epochs (E + 1 passes, as DC counts){}. \
+         Full-data baselines: {} of width {}, {} over the train split. Mean ± std \
+         over every network of every seed; all numbers on the unbiased test split.\n",
         config.cmnist.preset.name(),
         config.cmnist.train_size,
         config.seeds,
@@ -232,17 +232,17 @@ fn markdown(
         d.batch_real,
         dg.batch_real,
         d.distance,
-        config.eval.n_models,
+        count(config.eval.n_models, "ConvNet", "ConvNets"),
         model_width(&config.eval.model),
-        config.eval.train.epochs + 1,
+        config.eval.train.epochs,
         if config.eval.train.augment == debiasdd_eval::augment::Augment::None {
             ", no augmentation"
         } else {
             ", DC augmentation"
         },
-        config.baseline.n_models,
+        count(config.baseline.n_models, "ConvNet", "ConvNets"),
         model_width(&config.baseline.model),
-        config.baseline.train.epochs + 1,
+        count(config.baseline.train.epochs + 1, "pass", "passes"),
     );
     let lookup: BTreeMap<(String, String), &MethodSummary> = summary
         .iter()
@@ -337,6 +337,10 @@ fn markdown(
         );
     }
     md
+}
+
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn model_width(model: &debiasdd_model::ModelConfig) -> String {
