@@ -243,6 +243,8 @@ pub struct Distiller {
     iteration: usize,
     device: Device,
     dtype: DType,
+    /// Most real images per pass [`REAL_PASS_BUDGET`] / width unless set.
+    real_pass_images: Option<usize>,
     path: ConvPath,
 }
 
@@ -290,12 +292,20 @@ impl Distiller {
             iteration: 0,
             device: device.clone(),
             dtype,
+            real_pass_images: None,
         })
     }
 
     /// Uses candle's `conv2d` instead of im2col on the CPU (slower; for cross-checks).
     pub fn with_conv_path(mut self, path: ConvPath) -> Self {
         self.path = path;
+        self
+    }
+
+    /// Caps the real images of one pass (default: [`REAL_PASS_BUDGET`] / width); strata are
+    /// never split, so a smaller cap only means more passes (for memory, and cross-checks).
+    pub fn with_real_pass_images(mut self, images: usize) -> Self {
+        self.real_pass_images = Some(images.max(1));
         self
     }
 
@@ -424,11 +434,31 @@ impl Distiller {
         rng: &mut ChaCha8Rng,
     ) -> Result<MatchingTarget, DistillError> {
         let c = &self.config;
-        // Every stratum's batch in one untracked pass.
+        // Every stratum's batch in as few untracked passes as memory allows.
         let (real_x, real_y, real_segments) = self.real_batch(rng)?;
-        let fwd = grads::forward(&c.model, params, &real_x, self.path)?;
-        let g_real =
-            grads::segment_gradients(&c.model, params, &fwd, &real_y, &real_segments, self.path)?;
+        let mut parts: Vec<Vec<Tensor>> = Vec::new();
+        let mut start = 0;
+        let max_images = self
+            .real_pass_images
+            .unwrap_or((REAL_PASS_BUDGET / c.model.width.max(1)).max(1));
+        for lens in real_chunks(real_segments.lens(), max_images) {
+            let n: usize = lens.iter().sum();
+            let x = real_x.narrow(0, start, n)?;
+            let y = real_y.narrow(0, start, n)?;
+            let fwd = grads::forward(&c.model, params, &x, self.path)?;
+            let segments = Segments::new(lens)?;
+            parts.push(grads::segment_gradients(
+                &c.model, params, &fwd, &y, &segments, self.path,
+            )?);
+            start += n;
+        }
+        let g_real = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            (0..parts[0].len())
+                .map(|k| Tensor::cat(&parts.iter().map(|p| &p[k]).collect::<Vec<_>>(), 0))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
         Ok(MatchingTarget {
             model: c.model.clone(),
             path: self.path,
@@ -677,6 +707,34 @@ fn label_tensor(labels: &[u8], device: &Device) -> Result<Tensor, DistillError> 
 }
 
 /// `grads[p].index_select(index, 0)` for every parameter, or the gradients themselves.
+/// Real images times ConvNet width that one pass may hold: 1,024 images at width 128, 4,096 at
+/// width 32 (so the quick preset's batches stay one pass). A pass keeps its activations for the
+/// segment gradients, about 8 MB per image at width 128 (measured: 20 GB peak for the 2,560
+/// images of a class-wise paper-size step), and a group-wise paper-size batch (about 7,000
+/// images at ratio 0.1) in one pass was killed on a 24 GB machine.
+pub const REAL_PASS_BUDGET: usize = 1024 * 128;
+
+/// Splits consecutive segments (whole strata, never cut) into passes of at most `max_images`;
+/// a larger stratum gets a pass of its own. Segments are independent under instance norm, so the
+/// gradients do not depend on the split.
+fn real_chunks(lens: &[usize], max_images: usize) -> Vec<Vec<usize>> {
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    let mut images = 0;
+    for &len in lens {
+        match chunks.last_mut() {
+            Some(chunk) if images + len <= max_images => {
+                chunk.push(len);
+                images += len;
+            }
+            _ => {
+                chunks.push(vec![len]);
+                images = len;
+            }
+        }
+    }
+    chunks
+}
+
 fn select_rows(grads: Vec<Tensor>, index: Option<&Tensor>) -> Result<Vec<Tensor>, DistillError> {
     match index {
         None => Ok(grads),
@@ -742,5 +800,26 @@ fn initial_synthetic(
             let idx = Tensor::new(picks.as_slice(), device)?;
             Ok(real.images.index_select(&idx, 0)?)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::real_chunks;
+
+    #[test]
+    fn real_passes_keep_strata_whole_and_within_budget() {
+        assert_eq!(real_chunks(&[256; 10], 2560), vec![vec![256; 10]]);
+        assert_eq!(real_chunks(&[256; 10], 1024).len(), 3);
+        // Group-wise: strata are never cut; an oversized stratum gets its own pass.
+        assert_eq!(
+            real_chunks(&[256, 50, 50, 256, 40, 2000, 3000], 2560),
+            vec![vec![256, 50, 50, 256, 40], vec![2000], vec![3000]]
+        );
+        // The quick preset's group-wise batch stays one pass.
+        assert_eq!(
+            real_chunks(&[16; 100], super::REAL_PASS_BUDGET / 32).len(),
+            1
+        );
     }
 }

@@ -222,6 +222,30 @@ fn conv_paths_agree_on_a_whole_iteration() -> anyhow::Result<()> {
 }
 
 #[test]
+fn splitting_the_real_batch_into_passes_changes_nothing() -> anyhow::Result<()> {
+    // One pass per stratum against the default single pass, every mode, a whole iteration.
+    let split = tiny_split(None);
+    for mode in MatchMode::ALL {
+        let config = tiny_config(mode);
+        let mut a = Distiller::new(config.clone(), &split, &Device::Cpu, DType::F64)?;
+        let mut b =
+            Distiller::new(config, &split, &Device::Cpu, DType::F64)?.with_real_pass_images(1);
+        let (la, lb) = (a.step()?.loss, b.step()?.loss);
+        assert!(
+            (la - lb).abs() < 1e-10 * la.abs().max(1.0),
+            "{mode}: {la} vs {lb}"
+        );
+        let (va, vb) = (values(a.images()), values(b.images()));
+        let worst = va
+            .iter()
+            .zip(&vb)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst < 1e-9, "{mode}: images differ by {worst}");
+    }
+    Ok(())
+}
+
+#[test]
 fn engine_loss_gradient_matches_finite_differences() -> anyhow::Result<()> {
     // The engine's own matching loss (real batches, pairing, distance) for every mode, f64.
     let split = tiny_split(None);
