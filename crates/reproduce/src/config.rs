@@ -223,6 +223,16 @@ impl ReproduceConfig {
                 return invalid(format!("mode {m} is listed twice"));
             }
         }
+        for (i, r) in self.ratios.iter().enumerate() {
+            if self.ratios[..i].contains(r) {
+                return invalid(format!("ratio {r} is listed twice"));
+            }
+        }
+        for (i, s) in self.seeds.iter().enumerate() {
+            if self.seeds[..i].contains(s) {
+                return invalid(format!("seed {s} is listed twice"));
+            }
+        }
         if self.checkpoint_every == 0 {
             return invalid("checkpoint_every must be at least 1".into());
         }
@@ -273,6 +283,9 @@ mod tests {
         let mut c = base.clone();
         c.modes = vec![MatchMode::Group, MatchMode::Group];
         assert!(err(c).contains("twice"));
+        let mut c = base.clone();
+        c.ratios = vec![0.01, 0.01];
+        assert!(err(c).contains("ratio 0.01 is listed twice"));
         let mut c = base;
         c.distill.ipc = 0;
         assert!(err(c).contains("ipc"));

@@ -140,7 +140,8 @@ fn plot(
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| {
             (lo.min(r), hi.max(r))
         });
-    let (lo, hi) = (lo.max(1e-4) / 1.4, hi.max(1e-4) * 1.4);
+    // Room on the right for the legend, so that it covers no line.
+    let (lo, hi) = (lo.max(1e-4) / 1.4, hi.max(1e-4) * 5.0);
     let root = SVGBackend::new(path, (760, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -148,13 +149,18 @@ fn plot(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d((lo..hi).log_scale(), 0.0..100.0)
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(config.ratios.clone()),
+            0.0..100.0,
+        )
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc("bias-conflicting ratio (log scale)")
         .y_desc("%")
         .x_label_formatter(&|x| format!("{x}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(WHITE)
         .draw()
         .map_err(|e| err(&e))?;
     for (i, method) in Method::all(config).into_iter().enumerate() {
