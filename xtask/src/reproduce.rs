@@ -22,7 +22,7 @@ pub struct ReproduceArgs {
     preset: ReproducePreset,
     /// Folder with the four MNIST files (`NAME.gz` or raw). Without it (and without
     /// $DEBIASDD_MNIST_DIR) they are downloaded into data/mnist.
-    #[arg(long, value_name = "DIR", env = "DEBIASDD_MNIST_DIR")]
+    #[arg(long, value_name = "DIR")]
     mnist_dir: Option<PathBuf>,
     /// cpu, cuda[:N] or metal (the latter two need `--features cuda` / `metal` on xtask).
     #[arg(long, default_value = "cpu")]

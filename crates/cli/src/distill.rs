@@ -225,16 +225,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
             seconds = stats.seconds
         );
         if let Some(file) = history.as_mut() {
-            writeln!(
-                file,
-                "{}",
-                serde_json::json!({
-                    "iteration": stats.iteration,
-                    "loss": stats.loss,
-                    "seconds": stats.seconds,
-                    "real_images": stats.real_images,
-                })
-            )?;
+            writeln!(file, "{}", serde_json::to_string(&stats)?)?;
         }
         let i = stats.iteration;
         if let Some(dir) = &args.grid {

@@ -175,8 +175,8 @@ struct RealData {
     norm: Normalization,
 }
 
-/// What one iteration did.
-#[derive(Debug, Clone, PartialEq)]
+/// What one iteration did; serialised, one line of a run's history file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct IterationStats {
     /// 1-based number of the iteration just finished.
     pub iteration: usize,

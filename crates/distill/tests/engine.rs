@@ -58,6 +58,14 @@ fn values(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// Largest elementwise difference of two tensors of the same shape.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    values(a)
+        .iter()
+        .zip(&values(b))
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+}
+
 #[test]
 fn plans_follow_the_mode() -> anyhow::Result<()> {
     let split = tiny_split(None);
@@ -212,11 +220,7 @@ fn conv_paths_agree_on_a_whole_iteration() -> anyhow::Result<()> {
         Distiller::new(config, &split, &Device::Cpu, DType::F64)?.with_conv_path(ConvPath::Candle);
     let (la, lb) = (a.step()?.loss, b.step()?.loss);
     assert!((la - lb).abs() < 1e-10 * la.abs().max(1.0), "{la} vs {lb}");
-    let (va, vb) = (values(a.images()), values(b.images()));
-    let worst = va
-        .iter()
-        .zip(&vb)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    let worst = max_abs_diff(a.images(), b.images());
     assert!(worst < 1e-9, "images differ by {worst}");
     Ok(())
 }
@@ -235,11 +239,7 @@ fn splitting_the_real_batch_into_passes_changes_nothing() -> anyhow::Result<()> 
             (la - lb).abs() < 1e-10 * la.abs().max(1.0),
             "{mode}: {la} vs {lb}"
         );
-        let (va, vb) = (values(a.images()), values(b.images()));
-        let worst = va
-            .iter()
-            .zip(&vb)
-            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        let worst = max_abs_diff(a.images(), b.images());
         assert!(worst < 1e-9, "{mode}: images differ by {worst}");
     }
     Ok(())

@@ -79,23 +79,33 @@ impl Cell {
     }
 
     /// A rough relative cost (about seconds of the quick preset on a 2-core CPU), so that
-    /// progress and ETA weigh a distillation more than a subset.
+    /// progress and ETA weigh a distillation more than a subset: producing the training set
+    /// plus scoring it.
     pub fn cost(&self, config: &ReproduceConfig) -> f64 {
-        let eval = |e: &debiasdd_eval::evaluate::EvalConfig, per_epoch: f64| {
-            e.n_models as f64 * (e.train.epochs + 1) as f64 * per_epoch
-        };
-        let width_factor = |w: usize| (w as f64 / 32.0).powi(2);
+        self.produce_cost(config) + self.eval_cost(config)
+    }
+
+    /// The distillation's share of [`Cell::cost`] (0 for subsets and baselines).
+    pub fn produce_cost(&self, config: &ReproduceConfig) -> f64 {
         match self.method {
             Method::Distill(mode) => {
                 let d = config.distill_config(mode, self.seed);
                 let per_iteration = d.outer_loop as f64 * 1.5 + d.inner_loop as f64 * 0.8;
                 let group = if mode == MatchMode::Class { 1.0 } else { 1.3 };
-                d.iterations as f64 * per_iteration * group * width_factor(d.model.width)
-                    + eval(&config.eval, 0.2)
+                let width_factor = (d.model.width as f64 / 32.0).powi(2);
+                d.iterations as f64 * per_iteration * group * width_factor
             }
-            Method::Floor(_) => eval(&config.eval, 0.2),
-            Method::Baseline(_) => eval(&config.baseline, 40.0),
+            Method::Floor(_) | Method::Baseline(_) => 0.0,
         }
+    }
+
+    /// The scoring's share of [`Cell::cost`].
+    pub fn eval_cost(&self, config: &ReproduceConfig) -> f64 {
+        let (eval, per_epoch) = match self.method {
+            Method::Baseline(_) => (&config.baseline, 40.0),
+            Method::Distill(_) | Method::Floor(_) => (&config.eval, 0.2),
+        };
+        eval.n_models as f64 * (eval.train.epochs + 1) as f64 * per_epoch
     }
 }
 

@@ -74,6 +74,22 @@ pub struct DistillSettings {
     pub init: Init,
 }
 
+impl DistillSettings {
+    /// `preset` at ipc 10 from noise, with only the iteration count overridden.
+    pub fn of(preset: Preset, iterations: Option<usize>) -> Self {
+        Self {
+            preset,
+            ipc: 10,
+            iterations,
+            width: None,
+            outer_loop: None,
+            inner_loop: None,
+            batch_real: None,
+            init: Init::Noise,
+        }
+    }
+}
+
 /// Every setting of a reproduction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,16 +135,7 @@ impl ReproduceConfig {
                 modes: vec![MatchMode::Class, MatchMode::Group],
                 seeds: vec![0],
                 cmnist,
-                distill: DistillSettings {
-                    preset: Preset::Quick,
-                    ipc: 10,
-                    iterations: Some(10),
-                    width: None,
-                    outer_loop: None,
-                    inner_loop: None,
-                    batch_real: None,
-                    init: Init::Noise,
-                },
+                distill: DistillSettings::of(Preset::Quick, Some(10)),
                 eval: EvalConfig {
                     model: convnet(32),
                     train: no_augment(100),
@@ -149,16 +156,7 @@ impl ReproduceConfig {
                 modes: MatchMode::ALL.to_vec(),
                 seeds: vec![0, 1, 2],
                 cmnist,
-                distill: DistillSettings {
-                    preset: Preset::Paper,
-                    ipc: 10,
-                    iterations: None,
-                    width: None,
-                    outer_loop: None,
-                    inner_loop: None,
-                    batch_real: None,
-                    init: Init::Noise,
-                },
+                distill: DistillSettings::of(Preset::Paper, None),
                 eval: EvalConfig {
                     model: convnet(128),
                     train: TrainConfig::dc(true),

@@ -354,7 +354,7 @@ fn run_cell(
     // The set the networks are trained on, and the share of the cell's cost already behind.
     let (train, produce_seconds, produced_fraction) = match cell.method {
         Method::Distill(mode) => {
-            let fraction = 1.0 - eval_cost(config, cell) / cell.cost(config);
+            let fraction = cell.produce_cost(config) / cell.cost(config);
             let synthetic = run.dir.join("synthetic.safetensors");
             if !synthetic.exists() && !run.distill(mode, fraction, observer)? {
                 return Ok(None);
@@ -462,17 +462,8 @@ impl CellRun<'_> {
                 return Ok(false);
             }
             let stats = distiller.step()?;
-            writeln!(
-                history,
-                "{}",
-                serde_json::json!({
-                    "iteration": stats.iteration,
-                    "loss": stats.loss,
-                    "seconds": stats.seconds,
-                    "real_images": stats.real_images,
-                })
-            )
-            .map_err(|e| ReproduceError::write(&history_path, e))?;
+            let line = serde_json::to_string(&stats).expect("stats serialise");
+            writeln!(history, "{line}").map_err(|e| ReproduceError::write(&history_path, e))?;
             if stats.iteration % self.config.checkpoint_every == 0 {
                 distiller.save_checkpoint(&checkpoint)?;
             }
@@ -491,14 +482,6 @@ impl CellRun<'_> {
         set.save(&dir.join("synthetic.safetensors"))?;
         Ok(true)
     }
-}
-
-fn eval_cost(config: &ReproduceConfig, cell: &Cell) -> f64 {
-    Cell {
-        method: Method::Floor(debiasdd_eval::data::Stratify::Class),
-        ..*cell
-    }
-    .cost(config)
 }
 
 /// Keeps the first `iterations` lines of a history (a resumed run repeats the ones after its
