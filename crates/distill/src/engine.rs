@@ -445,11 +445,11 @@ impl Distiller {
             let n: usize = lens.iter().sum();
             let x = real_x.narrow(0, start, n)?;
             let y = real_y.narrow(0, start, n)?;
-            let fwd = grads::forward(&c.model, params, &x, self.path)?;
             let segments = Segments::new(lens)?;
-            parts.push(grads::segment_gradients(
-                &c.model, params, &fwd, &y, &segments, self.path,
-            )?);
+            parts.push(
+                grads::untracked_segment_gradients(&c.model, params, &x, &y, &segments, self.path)?
+                    .grads,
+            );
             start += n;
         }
         let g_real = if parts.len() == 1 {

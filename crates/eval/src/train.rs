@@ -197,14 +197,16 @@ fn train_network_with(
                     let params: Vec<Tensor> =
                         net.vars().iter().map(|v| v.as_detached_tensor()).collect();
                     let segments = Segments::uniform(1, batch.len())?;
-                    let fwd = grads::forward(c, &params, &xs, path)?;
-                    let loss = grads::segment_losses(&fwd, &ys, &segments)?.squeeze(0)?;
-                    let g = grads::segment_gradients(c, &params, &fwd, &ys, &segments, path)?
+                    let out =
+                        grads::untracked_segment_gradients(c, &params, &xs, &ys, &segments, path)?;
+                    let g = out
+                        .grads
                         .into_iter()
                         .map(|g| g.squeeze(0))
                         .collect::<candle_core::Result<Vec<_>>>()?;
                     sgd.step_tensors(&g)?;
-                    (fwd.logits, loss)
+                    let loss = Tensor::new(out.losses[0], net.device())?.to_dtype(net.dtype())?;
+                    (out.logits, loss)
                 }
                 _ => {
                     let logits = net.forward_t(&xs, true)?;

@@ -4,13 +4,15 @@
 //!
 //! `cargo bench -p debiasdd-model --bench convnet`
 //!
-//! `forward_backward` goes through candle's autograd; `forward_backward_explicit` computes the
-//! same parameter gradients with the hand-written backward pass of `debiasdd_model::grads`.
+//! Three ways to the same parameter gradients: `forward_backward` goes through candle's autograd;
+//! `forward_backward_explicit` through the hand-written backward pass in candle ops
+//! (`debiasdd_model::grads`, what tracked synthetic images use); `forward_backward_native`
+//! through the native CPU kernels (`debiasdd_model::native`, what the engine and the evaluator
+//! use for everything untracked). Their ids match the PyTorch reference's, so `cargo xtask bench`
+//! puts PyTorch's `forward_backward` beside each.
 //!
-//! The bench runs on the system allocator. Up to half of a backward pass then goes to page
-//! faults (glibc returns each large buffer to the OS); to see what a binary with a caching
-//! allocator gets, run it as
-//! `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 cargo bench -p debiasdd-model`.
+//! Like the `debiasdd` and `xtask` binaries, the bench runs on mimalloc, which keeps freed memory
+//! for reuse; on glibc's allocator much of a backward pass goes to page faults.
 
 #![allow(missing_debug_implementations)]
 
@@ -21,6 +23,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::hint::black_box;
 use std::time::Duration;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: usize = 256;
 
@@ -76,6 +81,19 @@ fn bench_convnet(c: &mut Criterion) {
                         .unwrap();
                 device.synchronize().unwrap();
                 (g, loss)
+            })
+        });
+        let segments = grads::Segments::uniform(1, BATCH).expect("segments");
+        group.bench_function("forward_backward_native", |b| {
+            b.iter(|| {
+                debiasdd_model::native::segment_gradients(
+                    &config,
+                    &params,
+                    black_box(&images),
+                    &labels,
+                    &segments,
+                )
+                .unwrap()
             })
         });
         group.finish();

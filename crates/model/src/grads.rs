@@ -447,8 +447,39 @@ pub fn segment_gradients(
         .collect()
 }
 
+/// [`segment_gradients`] for inputs that no gradient flows back into (the real images, the
+/// inner-loop and evaluation training), with the logits and every segment's mean
+/// cross-entropy. On the im2col path with untracked CPU tensors it runs the native kernels of
+/// [`crate::native`]; elsewhere the candle ops of this module.
+pub fn untracked_segment_gradients(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    labels: &Tensor,
+    segments: &Segments,
+    path: ConvPath,
+) -> Result<crate::native::SegmentGradients> {
+    if path == ConvPath::Im2col && crate::native::supports(xs, params) {
+        return crate::native::segment_gradients(config, params, xs, labels, segments);
+    }
+    let (xs, params) = (
+        xs.detach(),
+        params.iter().map(Tensor::detach).collect::<Vec<_>>(),
+    );
+    let fwd = forward(config, &params, &xs, path)?;
+    let losses = segment_losses(&fwd, labels, segments)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let grads = segment_gradients(config, &params, &fwd, labels, segments, path)?;
+    Ok(crate::native::SegmentGradients {
+        grads,
+        logits: fwd.logits,
+        losses,
+    })
+}
+
 /// The gradient of the batch's mean cross-entropy (one segment), without the segment dimension,
-/// and that loss: what one training step of the network needs.
+/// and that loss: what one training step of the network needs. Nothing is tracked.
 pub fn batch_gradients(
     config: &ConvNetConfig,
     params: &[Tensor],
@@ -457,14 +488,11 @@ pub fn batch_gradients(
     path: ConvPath,
 ) -> Result<(Vec<Tensor>, f64)> {
     let segments = Segments::uniform(1, xs.dim(0)?)?;
-    let fwd = forward(config, params, xs, path)?;
-    let loss = segment_losses(&fwd, labels, &segments)?
-        .to_dtype(DType::F64)?
-        .i(0)?
-        .to_scalar::<f64>()?;
-    let grads = segment_gradients(config, params, &fwd, labels, &segments, path)?
+    let out = untracked_segment_gradients(config, params, xs, labels, &segments, path)?;
+    let grads = out
+        .grads
         .into_iter()
         .map(|g| g.squeeze(0))
         .collect::<Result<Vec<_>>>()?;
-    Ok((grads, loss))
+    Ok((grads, out.losses[0]))
 }

@@ -53,6 +53,7 @@ pub mod error;
 pub mod grads;
 pub mod kernels;
 pub mod layers;
+pub mod native;
 pub mod network;
 pub mod ops;
 pub mod optim;
