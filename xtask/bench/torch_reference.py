@@ -16,6 +16,17 @@ Benchmark ids (median milliseconds per call) for each width W in (128, 32):
                                         distance between them ("ours"), and its backward to the
                                         synthetic images (double backward)
 
+and, at width 32, one whole DC iteration of debiasdd's quick preset, written as the official
+DC code writes it (a Python loop over matching terms, each with its own forward passes):
+
+  dc_iteration_quick_w32/class          fresh network; 5 outer steps of {for each class: real
+                                        batch of 64, g_real, g_syn of its 10 synthetic images,
+                                        distance}, one SGD step (lr 0.1, momentum 0.5) on the
+                                        synthetic images, then 10 epochs of SGD (lr 0.01, batch
+                                        256) on the synthetic set (not after the last step)
+  dc_iteration_quick_w32/group          the same over the 100 (class, colour) groups: real batch
+                                        of min(16, group size), one synthetic image per group
+
 The network is DC's ConvNet (VICO-UoE/DatasetCondensation, networks.py) with the defaults of
 debiasdd: 3 blocks of conv3x3(W) -> GroupNorm(W, W) (DC's "instancenorm") -> ReLU -> avgpool 2x2,
 then linear(W*4*4 -> 10). The first conv pads by 3 so that a 28x28 input becomes 32x32 (whatever
@@ -102,6 +113,78 @@ def match_loss(gw_syn: list[torch.Tensor], gw_real: list[torch.Tensor]) -> torch
     return dis
 
 
+QUICK_ITERATION = dict(outer_loop=5, inner_loop=10, lr_img=0.1, momentum_img=0.5, lr_net=0.01,
+                       batch_train=256, width=32)
+# The group sizes of the candle bench's split: 45,000 images, ratio 0.01 of bias-conflicting
+# samples spread over the other nine colours.
+SPLIT_SIZE = 45_000
+CONFLICT_RATIO = 0.01
+
+
+def biased_split(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random images with Colored-MNIST-like labels and group ids (class * 10 + colour)."""
+    images = torch.rand(SPLIT_SIZE, CHANNELS, IMAGE, IMAGE, generator=generator)
+    labels = torch.arange(SPLIT_SIZE) % CLASSES
+    shift = torch.randint(1, CLASSES, (SPLIT_SIZE,), generator=generator)
+    conflicting = torch.rand(SPLIT_SIZE, generator=generator) < CONFLICT_RATIO
+    colours = torch.where(conflicting, (labels + shift) % CLASSES, labels)
+    return images, labels, labels * CLASSES + colours
+
+
+def dc_iteration(mode: str, generator: torch.Generator) -> Callable[[], object]:
+    """One DC iteration (see the module docs) in `mode` ("class" or "group")."""
+    q = QUICK_ITERATION
+    images, labels, groups = biased_split(generator)
+    if mode == "class":
+        keys, key_of, batch_real = list(range(CLASSES)), labels, 64
+        syn_per_term = SYN_PER_CLASS
+    else:
+        keys, key_of, batch_real = list(range(CLASSES * CLASSES)), groups, 16
+        syn_per_term = SYN_PER_CLASS // CLASSES  # one image per (class, colour)
+    members = {k: torch.nonzero(key_of == k).flatten() for k in keys}
+    keys = [k for k in keys if len(members[k]) > 0]  # an empty group contributes nothing
+    term_class = {k: (k if mode == "class" else k // CLASSES) for k in keys}
+    syn = torch.randn(len(keys) * syn_per_term, CHANNELS, IMAGE, IMAGE, requires_grad=True)
+    syn_labels = torch.tensor([term_class[k] for k in keys]).repeat_interleave(syn_per_term)
+    optimizer_img = torch.optim.SGD([syn], lr=q["lr_img"], momentum=q["momentum_img"])
+
+    def run() -> object:
+        net = conv_net(q["width"]).train()
+        params = list(net.parameters())
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=q["lr_net"])
+        for ol in range(q["outer_loop"]):
+            loss = torch.zeros(())
+            for t, k in enumerate(keys):
+                idx = members[k]
+                pick = idx[torch.randperm(len(idx), generator=generator)[:batch_real]]
+                img_real = images[pick]
+                lab_real = torch.full((len(pick),), term_class[k], dtype=torch.long)
+                gw_real = torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), params)
+                gw_real = [g.detach().clone() for g in gw_real]
+                img_syn = syn[t * syn_per_term : (t + 1) * syn_per_term]
+                lab_syn = syn_labels[t * syn_per_term : (t + 1) * syn_per_term]
+                gw_syn = torch.autograd.grad(
+                    F.cross_entropy(net(img_syn), lab_syn), params, create_graph=True
+                )
+                loss = loss + match_loss(gw_syn, gw_real)
+            optimizer_img.zero_grad()
+            loss.backward()
+            optimizer_img.step()
+            if ol == q["outer_loop"] - 1:
+                break
+            train_x, train_y = syn.detach().clone(), syn_labels
+            for _ in range(q["inner_loop"]):
+                order = torch.randperm(len(train_x), generator=generator)
+                for start in range(0, len(order), q["batch_train"]):
+                    b = order[start : start + q["batch_train"]]
+                    optimizer_net.zero_grad()
+                    F.cross_entropy(net(train_x[b]), train_y[b]).backward()
+                    optimizer_net.step()
+        return loss
+
+    return run
+
+
 def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
     """Median wall time of `fn` in milliseconds over `runs` calls after `warmup` calls."""
     for _ in range(warmup):
@@ -114,8 +197,9 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def cases(width: int) -> dict[str, Callable[[], object]]:
-    """The timed closures for one width, keyed by benchmark id."""
+def cases(width: int) -> dict[str, object]:
+    """The timed closures for one width, keyed by benchmark id (a DC iteration as the
+    arguments of `dc_iteration`, built only when selected)."""
     torch.manual_seed(0)
     net = conv_net(width).train()
     params = list(net.parameters())
@@ -155,12 +239,18 @@ def cases(width: int) -> dict[str, Callable[[], object]]:
         return loss
 
     group = f"convnet_w{width}_b{BATCH}_cpu"
-    return {
+    out = {
         f"{group}/forward": forward,
         f"{group}/forward_nograd": forward_nograd,
         f"{group}/forward_backward": forward_backward,
         f"dc_matching_w{width}/one_class": dc_matching,
     }
+    if width == QUICK_ITERATION["width"]:
+        generator = torch.Generator().manual_seed(0)
+        for mode in ("class", "group"):
+            # Built lazily: the split takes a moment and memory only when the id is selected.
+            out[f"dc_iteration_quick_w{width}/{mode}"] = (mode, generator)
+    return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -188,6 +278,8 @@ def main(argv: list[str]) -> int:
         for name, fn in cases(width).items():
             if pattern and not pattern.search(name):
                 continue
+            if isinstance(fn, tuple):
+                fn = dc_iteration(*fn)
             ms = median_ms(fn, args.runs, args.warmup)
             results[name] = round(ms, 3)
             print(f"torch: {name}: {ms:.2f} ms (median of {args.runs})", file=sys.stderr)

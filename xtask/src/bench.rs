@@ -7,8 +7,10 @@
 //!   measured, read from `target/criterion/<group>/<function>/new/estimates.json`.
 //! - PyTorch: `xtask/bench/torch_reference.py`, run in a virtual environment under
 //!   `target/torch-venv` that is made, and given `torch`, on first use (see [`ensure_torch`]).
-//!   It prints median milliseconds per benchmark id as JSON; ids equal to criterion's are
-//!   compared, the others (no-grad forward, DC's gradient matching) stand in rows of their own.
+//!   It prints median milliseconds per benchmark id as JSON. A PyTorch id is compared with the
+//!   criterion id equal to it and with its variants (the same id plus `_explicit` or `_native`:
+//!   other implementations of the same work); the others (no-grad forward) stand in rows of
+//!   their own.
 //!
 //! When the environment cannot be made (no network, no `python3`), the comparison is skipped
 //! with a note and the candle column is still printed; a failing script is an error.
@@ -425,6 +427,10 @@ struct Row {
 
 /// candle's rows in their order, PyTorch's numbers joined by id; a PyTorch-only id goes after
 /// the last row of its group (the part before `/`), or at the end.
+/// Suffixes of candle benchmark ids that time another implementation of the same work as the
+/// id without them (`convnet_.../forward_backward_native` is `forward_backward`).
+const VARIANT_SUFFIXES: &[&str] = &["_explicit", "_native"];
+
 fn merge_rows(candle: &[(String, f64)], torch: &[(String, f64)]) -> Vec<Row> {
     let mut rows: Vec<Row> = candle
         .iter()
@@ -435,8 +441,15 @@ fn merge_rows(candle: &[(String, f64)], torch: &[(String, f64)]) -> Vec<Row> {
         })
         .collect();
     for (id, ms) in torch {
-        if let Some(row) = rows.iter_mut().find(|r| &r.id == id) {
+        let mut matched = false;
+        for row in rows.iter_mut().filter(|r| {
+            r.id.strip_prefix(id.as_str())
+                .is_some_and(|rest| rest.is_empty() || VARIANT_SUFFIXES.contains(&rest))
+        }) {
             row.torch_ms = Some(*ms);
+            matched = true;
+        }
+        if matched {
             continue;
         }
         let row = Row {
@@ -918,6 +931,7 @@ mod tests {
             ("cmnist/load".to_owned(), 3.0),
             ("net_w8/forward".to_owned(), 10.0),
             ("net_w8/forward_backward".to_owned(), 30.0),
+            ("net_w8/forward_backward_native".to_owned(), 15.0),
         ];
         let torch = [
             ("net_w8/forward".to_owned(), 5.0),
@@ -936,6 +950,7 @@ mod tests {
                 ("cmnist/load", Some(3.0), None),
                 ("net_w8/forward", Some(10.0), Some(5.0)),
                 ("net_w8/forward_backward", Some(30.0), Some(20.0)),
+                ("net_w8/forward_backward_native", Some(15.0), Some(20.0)),
                 ("net_w8/forward_nograd", None, Some(4.0)),
                 ("dc_w8/one_class", None, Some(50.0)),
             ]

@@ -1,15 +1,27 @@
-//! Cost of one matching step (real gradients of every term, synthetic gradients, distance,
-//! backward, update) per matching mode, on a Colored-MNIST-shaped train split with the group
-//! sizes of ratio 0.01 (45,000 random images; aligned groups ~4,450, conflicting groups ~5).
-//! The goal: a group-wise step costs at most 1.5x a class-wise step on the same device.
+//! The distillation engine's costs, on a Colored-MNIST-shaped train split with the group sizes
+//! of ratio 0.01 (45,000 random images; aligned groups ~4,450, conflicting groups ~5):
+//!
+//! - `dc_matching_wW/one_class`: DC's matching-loss gradient for one class at width W: the
+//!   gradients of 256 real images (native kernels), of 10 synthetic images (tracked), the
+//!   layer-wise distance and its backward to the synthetic images. The PyTorch reference
+//!   (`xtask/bench/torch_reference.py`) times the same under the same id.
+//! - `dc_iteration_quick_w32/{class,group}`: one whole DC iteration of the quick preset (fresh
+//!   network, 5 outer steps of matching + image update, 10 inner epochs between them; real batch
+//!   64 per class or 16 per group), also timed by the PyTorch reference.
+//! - `dc_matching_step_quick_w32_cpu/<mode>`: one matching step (real gradients of every term,
+//!   synthetic gradients, distance, backward, update) per matching mode; a group-wise step
+//!   should cost at most 1.5x a class-wise one. `DEBIASDD_BENCH_PAPER=1` adds width 128.
 //!
 //! `cargo bench -p debiasdd-distill --bench matching` (or `cargo xtask bench`).
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use debiasdd_cmnist::colored::Split;
-use debiasdd_distill::{DistillConfig, Distiller, MatchMode, Preset};
+use debiasdd_distill::grads::{self, ConvPath, Segments};
+use debiasdd_distill::{Distance, DistillConfig, Distiller, MatchMode, Preset, distance};
+use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::{Rng, SeedableRng};
+use std::time::Duration;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -63,5 +75,72 @@ fn matching_step(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, matching_step);
+/// DC's matching-loss gradient for one class: 256 real and 10 synthetic images.
+fn one_class_matching(c: &mut Criterion) {
+    let device = Device::Cpu;
+    let path = ConvPath::for_device(&device);
+    for width in [128, 32] {
+        let config = ConvNetConfig {
+            width,
+            ..ConvNetConfig::default()
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let net = Network::new(
+            &ModelConfig::ConvNet(config.clone()),
+            &mut rng,
+            &device,
+            DType::F32,
+        )
+        .expect("network");
+        let params: Vec<Tensor> = net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+        let real = Tensor::rand(0f32, 1., (256, 3, 28, 28), &device).expect("real");
+        let real_y = Tensor::zeros(256, DType::U32, &device).expect("labels");
+        let syn = Var::from_tensor(&Tensor::randn(0f32, 1., (10, 3, 28, 28), &device).unwrap())
+            .expect("synthetic");
+        let syn_y = Tensor::zeros(10, DType::U32, &device).expect("labels");
+        let (real_seg, syn_seg) = (
+            Segments::uniform(1, 256).unwrap(),
+            Segments::uniform(1, 10).unwrap(),
+        );
+        let mut group = c.benchmark_group(format!("dc_matching_w{width}"));
+        group.sample_size(10);
+        group.bench_function("one_class", |b| {
+            b.iter(|| {
+                let g_real = grads::untracked_segment_gradients(
+                    &config, &params, &real, &real_y, &real_seg, path,
+                )
+                .unwrap()
+                .grads;
+                let fwd = grads::forward(&config, &params, syn.as_tensor(), path).unwrap();
+                let g_syn =
+                    grads::segment_gradients(&config, &params, &fwd, &syn_y, &syn_seg, path)
+                        .unwrap();
+                let loss = distance::distance(Distance::Ours, &g_syn, &g_real).unwrap();
+                let g = loss.backward().unwrap();
+                g.get(syn.as_tensor())
+                    .expect("a gradient reaches the images")
+                    .clone()
+            })
+        });
+        group.finish();
+    }
+}
+
+/// One whole DC iteration of the quick preset, per mode the PyTorch reference also runs.
+fn quick_iteration(c: &mut Criterion) {
+    let split = biased_split(45_000, 0.01);
+    let mut group = c.benchmark_group("dc_iteration_quick_w32");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    for mode in [MatchMode::Class, MatchMode::Group] {
+        let mut config = DistillConfig::preset(Preset::Quick, mode, 10);
+        config.iterations = usize::MAX;
+        let mut distiller =
+            Distiller::new(config, &split, &Device::Cpu, DType::F32).expect("distiller");
+        group.bench_function(mode.name(), |b| b.iter(|| distiller.step().expect("step")));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, one_class_matching, quick_iteration, matching_step);
 criterion_main!(benches);
