@@ -74,16 +74,16 @@ fn bench_convnet(c: &mut Criterion) {
             unreachable!("a ConvNet")
         };
         let path = grads::ConvPath::for_device(&device);
+        let segments = grads::Segments::uniform(1, BATCH).expect("segments");
         group.bench_function("forward_backward_explicit", |b| {
             b.iter(|| {
-                let (g, loss) =
-                    grads::batch_gradients(&config, &params, black_box(&images), &labels, path)
-                        .unwrap();
+                let fwd = grads::forward(&config, &params, black_box(&images), path).unwrap();
+                let g = grads::segment_gradients(&config, &params, &fwd, &labels, &segments, path)
+                    .unwrap();
                 device.synchronize().unwrap();
-                (g, loss)
+                g
             })
         });
-        let segments = grads::Segments::uniform(1, BATCH).expect("segments");
         group.bench_function("forward_backward_native", |b| {
             b.iter(|| {
                 debiasdd_model::native::segment_gradients(
