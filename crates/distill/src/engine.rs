@@ -30,6 +30,7 @@ use crate::config::{DistillConfig, Init, MatchMode};
 use crate::distance::distance;
 use crate::error::DistillError;
 use crate::grads::{self, ConvPath, Segments};
+use crate::native_loss::NativeMatchingLoss;
 
 const SIDE: usize = 28;
 const CHANNELS: usize = 3;
@@ -206,8 +207,28 @@ pub struct MatchingTarget {
 
 impl MatchingTarget {
     /// The summed distance of all terms for the synthetic images `syn` (normalised space);
-    /// differentiable with respect to `syn` when it is a variable.
+    /// differentiable with respect to `syn` when it is a variable. On the CPU one op whose
+    /// gradient comes from the native kernels (`native_loss`); elsewhere [`Self::loss_by_ops`].
     pub fn loss(&self, syn: &Tensor) -> Result<Tensor, DistillError> {
+        if self.path == ConvPath::Im2col && NativeMatchingLoss::applies(syn, &self.params) {
+            let op = NativeMatchingLoss {
+                model: self.model.clone(),
+                distance: self.distance,
+                params: self.params.clone(),
+                g_real: self.g_real.clone(),
+                syn_labels: self.syn_labels.clone(),
+                syn_segments: self.syn_segments.clone(),
+                syn_index: self.syn_index.clone(),
+            };
+            return Ok(syn.contiguous()?.apply_op1(op)?);
+        }
+        self.loss_by_ops(syn)
+    }
+
+    /// The same loss recorded op by op (the synthetic gradients in differentiable candle ops,
+    /// differentiated by candle's autograd): the route on every device but the CPU, and the
+    /// reference the CPU route is tested against.
+    pub fn loss_by_ops(&self, syn: &Tensor) -> Result<Tensor, DistillError> {
         let fwd = grads::forward(&self.model, &self.params, syn, self.path)?;
         let g_syn = grads::segment_gradients(
             &self.model,

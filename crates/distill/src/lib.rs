@@ -29,6 +29,7 @@ pub mod engine;
 pub mod error;
 pub use debiasdd_model::grads;
 pub mod grid;
+mod native_loss;
 
 pub use config::{DistillConfig, Init, MatchMode, Preset, loops_for_ipc};
 pub use distance::Distance;

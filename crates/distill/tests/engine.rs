@@ -276,3 +276,36 @@ fn engine_loss_gradient_matches_finite_differences() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn native_loss_equals_the_op_by_op_loss() -> anyhow::Result<()> {
+    // The CPU route (one op, native second-order kernels) against the route of other devices
+    // (candle ops + autograd): value and gradient, every mode and distance, f64.
+    let split = tiny_split(None);
+    for mode in MatchMode::ALL {
+        for kind in debiasdd_distill::Distance::ALL {
+            let mut config = tiny_config(mode);
+            config.distance = kind;
+            let d = Distiller::new(config, &split, &Device::Cpu, DType::F64)?;
+            let target = d.probe(5)?;
+            let var = Var::from_tensor(d.images())?;
+            let native = target.loss(var.as_tensor())?;
+            let by_ops = target.loss_by_ops(var.as_tensor())?;
+            let (a, b) = (native.to_scalar::<f64>()?, by_ops.to_scalar::<f64>()?);
+            assert!(
+                (a - b).abs() < 1e-10 * b.abs().max(1.0),
+                "{mode} {kind}: {a} vs {b}"
+            );
+            let ga = native.backward()?.get(var.as_tensor()).unwrap().clone();
+            let gb = by_ops.backward()?.get(var.as_tensor()).unwrap().clone();
+            let scale = values(&gb).iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{mode} {kind}: zero gradient");
+            let worst = max_abs_diff(&ga, &gb);
+            assert!(
+                worst < 1e-9 * scale.max(1.0),
+                "{mode} {kind}: {worst} of {scale}"
+            );
+        }
+    }
+    Ok(())
+}

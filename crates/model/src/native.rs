@@ -78,6 +78,22 @@ pub fn segment_gradients(
     labels: &Tensor,
     segments: &Segments,
 ) -> Result<SegmentGradients> {
+    let labels = check_inputs(config, params, xs, labels, segments)?;
+    match xs.dtype() {
+        DType::F32 => run::<f32>(config, params, xs, &labels, segments),
+        DType::F64 => run::<f64>(config, params, xs, &labels, segments),
+        dtype => candle_core::bail!("native kernels: unsupported dtype {dtype:?}"),
+    }
+}
+
+/// The checks shared by the public entry points; returns the labels.
+fn check_inputs(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    labels: &Tensor,
+    segments: &Segments,
+) -> Result<Vec<u32>> {
     if let Some(reason) = crate::grads::unsupported_reason(config) {
         candle_core::bail!("{reason}")
     }
@@ -110,11 +126,7 @@ pub fn segment_gradients(
     if let Some(&bad) = labels.iter().find(|&&l| l as usize >= config.n_classes) {
         candle_core::bail!("label {bad} out of range for {} classes", config.n_classes)
     }
-    match xs.dtype() {
-        DType::F32 => run::<f32>(config, params, xs, &labels, segments),
-        DType::F64 => run::<f64>(config, params, xs, &labels, segments),
-        dtype => candle_core::bail!("native kernels: unsupported dtype {dtype:?}"),
-    }
+    Ok(labels)
 }
 
 /// A strided view of a matrix: element (i, j) is `data[i * row_stride + j * col_stride]`.
@@ -161,8 +173,17 @@ impl<'a, T> MatRef<'a, T> {
 
 /// `dst (m x n, row-major) = lhs (m x k) @ rhs (k x n)`, through the `gemm` crate on all of
 /// rayon's threads.
-#[allow(unsafe_code)]
 fn matmul<T: Real>(dst: &mut [T], lhs: MatRef<'_, T>, rhs: MatRef<'_, T>) {
+    gemm_into(dst, lhs, rhs, false)
+}
+
+/// `dst += lhs @ rhs`, as [`matmul`].
+fn matmul_add<T: Real>(dst: &mut [T], lhs: MatRef<'_, T>, rhs: MatRef<'_, T>) {
+    gemm_into(dst, lhs, rhs, true)
+}
+
+#[allow(unsafe_code)]
+fn gemm_into<T: Real>(dst: &mut [T], lhs: MatRef<'_, T>, rhs: MatRef<'_, T>, accumulate: bool) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
     assert_eq!(dst.len(), m * n, "matmul: destination size");
@@ -174,7 +195,9 @@ fn matmul<T: Real>(dst: &mut [T], lhs: MatRef<'_, T>, rhs: MatRef<'_, T>) {
         return;
     }
     if k == 0 {
-        dst.fill(T::zero());
+        if !accumulate {
+            dst.fill(T::zero());
+        }
         return;
     }
     let threads = rayon::current_num_threads();
@@ -185,8 +208,8 @@ fn matmul<T: Real>(dst: &mut [T], lhs: MatRef<'_, T>, rhs: MatRef<'_, T>) {
     };
     // SAFETY: the asserts above keep every index that gemm reads or writes inside the slices:
     // dst is exactly m x n row-major, and `in_bounds` checks the largest index of each view.
-    // Strides fit in isize because they index allocated slices. `read_dst = false`, so dst's
-    // previous contents are never read.
+    // Strides fit in isize because they index allocated slices. dst is read only when
+    // accumulating (`read_dst`), and then it is initialised memory of the right size.
     unsafe {
         gemm::gemm(
             m,
@@ -195,14 +218,14 @@ fn matmul<T: Real>(dst: &mut [T], lhs: MatRef<'_, T>, rhs: MatRef<'_, T>) {
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
             lhs.row_stride as isize,
             rhs.data.as_ptr(),
             rhs.col_stride as isize,
             rhs.row_stride as isize,
-            T::zero(),
+            T::one(),
             T::one(),
             false,
             false,
@@ -714,6 +737,552 @@ fn run<T: Real>(
     })
 }
 
+/// `d/dx sum_s <V_s, g_s(x)>` for the batch `xs` (N, C, H, W): the input gradient of the
+/// per-segment parameter gradients `g_s` of [`segment_gradients`] contracted with `directions`
+/// `V` (one tensor per parameter, (segments, *parameter shape), in parameter order). This is
+/// the second-order term of gradient matching: with `V = dD / dg_syn` it is `dD / dx_syn`.
+///
+/// Computed forward-over-reverse: by symmetry of second derivatives it equals the derivative of
+/// `dL_s/dx` along `theta + eps V_s`, so the forward pass and the backward pass to the input run
+/// once each with tangents (a second value per activation, carried through every linear op, the
+/// norm, the activation mask and the softmax). Segments keep their own direction, as samples of
+/// different segments never mix. Same preconditions as [`segment_gradients`].
+pub fn gradient_of_gradients(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    labels: &Tensor,
+    segments: &Segments,
+    directions: &[Tensor],
+) -> Result<Tensor> {
+    let labels = check_inputs(config, params, xs, labels, segments)?;
+    if directions.len() != params.len() {
+        candle_core::bail!(
+            "expected {} direction tensors, got {}",
+            params.len(),
+            directions.len()
+        )
+    }
+    for (v, p) in directions.iter().zip(params) {
+        let mut shape = vec![segments.count()];
+        shape.extend_from_slice(p.dims());
+        if v.dims() != shape.as_slice() {
+            candle_core::bail!("direction of shape {:?}, expected {shape:?}", v.dims())
+        }
+    }
+    let dx = match xs.dtype() {
+        DType::F32 => Tensor::from_vec(
+            second_order::<f32>(config, params, xs, &labels, segments, directions)?,
+            xs.dims(),
+            xs.device(),
+        )?,
+        DType::F64 => Tensor::from_vec(
+            second_order::<f64>(config, params, xs, &labels, segments, directions)?,
+            xs.dims(),
+            xs.device(),
+        )?,
+        dtype => candle_core::bail!("native kernels: unsupported dtype {dtype:?}"),
+    };
+    Ok(dx)
+}
+
+/// (N, H, W, C) <-> (N, C, H, W) for `n` images of `c` channels and `p` pixels: `to_last`
+/// picks the direction.
+fn permute_channels<T: Real>(src: &[T], c: usize, p: usize, to_last: bool) -> Vec<T> {
+    let mut dst = vec![T::zero(); src.len()];
+    dst.par_chunks_mut(c * p)
+        .zip(src.par_chunks(c * p))
+        .for_each(|(d, s)| {
+            for ch in 0..c {
+                for px in 0..p {
+                    if to_last {
+                        d[px * c + ch] = s[ch * p + px];
+                    } else {
+                        d[ch * p + px] = s[px * c + ch];
+                    }
+                }
+            }
+        });
+    dst
+}
+
+/// 2x2 average pooling of a channels-last (N, h, w, o) batch.
+fn pool_forward<T: Real>(act: &[T], n: usize, h: usize, w: usize, o: usize) -> Vec<T> {
+    let quarter = T::from(0.25).expect("0.25 fits");
+    let (ph, pw) = (h / 2, w / 2);
+    let mut pooled = vec![T::zero(); n * ph * pw * o];
+    pooled
+        .par_chunks_mut(ph * pw * o)
+        .zip(act.par_chunks(h * w * o))
+        .for_each(|(dst, img)| {
+            for y in 0..ph {
+                for x in 0..pw {
+                    let out = &mut dst[(y * pw + x) * o..(y * pw + x + 1) * o];
+                    for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                        let src = ((2 * y + dy) * w + 2 * x + dx) * o;
+                        for (d, v) in out.iter_mut().zip(&img[src..src + o]) {
+                            *d += *v;
+                        }
+                    }
+                    out.iter_mut().for_each(|v| *v *= quarter);
+                }
+            }
+        });
+    pooled
+}
+
+/// The adjoint of [`pool_forward`].
+fn pool_backward<T: Real>(g: &[T], n: usize, h: usize, w: usize, o: usize) -> Vec<T> {
+    let quarter = T::from(0.25).expect("0.25 fits");
+    let (ph, pw) = (h / 2, w / 2);
+    let mut out = vec![T::zero(); n * h * w * o];
+    out.par_chunks_mut(h * w * o)
+        .zip(g.par_chunks(ph * pw * o))
+        .for_each(|(img, g)| {
+            for (r, px) in img.chunks_mut(o).enumerate() {
+                let (y, x) = (r / w, r % w);
+                let src = ((y / 2) * pw + x / 2) * o;
+                for (v, gv) in px.iter_mut().zip(&g[src..src + o]) {
+                    *v = *gv * quarter;
+                }
+            }
+        });
+    out
+}
+
+/// Adds `per_segment[seg]` (a row of `width`) to every row of every sample of each segment, where
+/// a sample owns `rows` consecutive rows of `dst` (rows x width).
+fn add_segment_rows<T: Real>(
+    dst: &mut [T],
+    per_segment: &[T],
+    ranges: &[(usize, usize)],
+    rows: usize,
+    width: usize,
+) {
+    for (seg, &(start, len)) in ranges.iter().enumerate() {
+        let v = &per_segment[seg * width..(seg + 1) * width];
+        for row in dst[start * rows * width..(start + len) * rows * width].chunks_mut(width) {
+            row.iter_mut().zip(v).for_each(|(d, x)| *d += *x);
+        }
+    }
+}
+
+/// What one block of [`second_order`] keeps from its forward pass.
+struct TangentBlock<T> {
+    shape: BlockShape,
+    weight: Vec<T>,
+    /// Direction of the weight per segment, column order (S, O, 9C).
+    weight_dir: Vec<T>,
+    /// Direction of gamma per segment (S, O), with instance norm.
+    gamma_dir: Vec<T>,
+    /// Activation slope at y, and (with instance norm) xhat, its tangent, 1/std and its
+    /// tangent per (image, channel).
+    slope: Vec<T>,
+    xhat: Vec<T>,
+    xhat_t: Vec<T>,
+    inv: Vec<T>,
+    inv_t: Vec<T>,
+}
+
+fn second_order<T: Real>(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    labels: &[u32],
+    segments: &Segments,
+    directions: &[Tensor],
+) -> Result<Vec<T>> {
+    let (n, c0, h0, w0) = xs.dims4()?;
+    let norm = config.norm == Norm::Instance;
+    let pool = config.pooling == Pooling::Avg;
+    let stride = if norm { 4 } else { 2 };
+    let eps = T::from(NORM_EPS).expect("eps fits the float type");
+    let negative = negative_slope::<T>(config.activation);
+    let ranges: Vec<(usize, usize)> = segments.ranges().collect();
+    let s_count = ranges.len();
+    let mut seg_of = Vec::with_capacity(n);
+    for (seg, &(_, len)) in ranges.iter().enumerate() {
+        seg_of.extend(std::iter::repeat_n(seg, len));
+    }
+
+    let mut a = permute_channels(&tensor_vec::<T>(xs)?, c0, h0 * w0, true);
+    let mut a_t: Option<Vec<T>> = None; // the input has no tangent
+    let (mut c, mut h, mut w) = (c0, h0, w0);
+    let mut blocks: Vec<TangentBlock<T>> = Vec::with_capacity(config.depth);
+    for d in 0..config.depth {
+        let p = &params[d * stride..(d + 1) * stride];
+        let v = &directions[d * stride..(d + 1) * stride];
+        let o = p[0].dim(0)?;
+        let s = BlockShape {
+            n,
+            c,
+            h,
+            w,
+            pad: if d == 0 { config.first_padding() } else { 1 },
+            o,
+        };
+        let (hw, k) = (s.hw(), s.k());
+        let weight = weight_to_cols(&tensor_vec::<T>(&p[0])?, o, c);
+        let weight_v: Vec<T> = tensor_vec(&v[0])?;
+        let mut weight_dir = vec![T::zero(); weight_v.len()];
+        for seg in 0..s_count {
+            let range = seg * o * k..(seg + 1) * o * k;
+            let permuted = weight_to_cols(&weight_v[range.clone()], o, c);
+            weight_dir[range].copy_from_slice(&permuted);
+        }
+        let bias: Vec<T> = tensor_vec(&p[1])?;
+        let bias_dir: Vec<T> = tensor_vec(&v[1])?;
+
+        // z = cols W^T + b; z' = cols' W^T + cols V_W^T + V_b (per segment).
+        let cols = im2col(&a, s);
+        let mut z = vec![T::zero(); n * hw * o];
+        matmul(
+            &mut z,
+            MatRef::rows(&cols, n * hw, k),
+            MatRef::rows(&weight, o, k).t(),
+        );
+        z.par_chunks_mut(o)
+            .for_each(|px| px.iter_mut().zip(&bias).for_each(|(v, b)| *v += *b));
+        let mut z_t = vec![T::zero(); n * hw * o];
+        if let Some(a_t) = &a_t {
+            let cols_t = im2col(a_t, s);
+            matmul(
+                &mut z_t,
+                MatRef::rows(&cols_t, n * hw, k),
+                MatRef::rows(&weight, o, k).t(),
+            );
+        }
+        for (seg, &(start, len)) in ranges.iter().enumerate() {
+            let (r0, rn) = (start * hw, len * hw);
+            matmul_add(
+                &mut z_t[r0 * o..(r0 + rn) * o],
+                MatRef::rows(&cols[r0 * k..(r0 + rn) * k], rn, k),
+                MatRef::rows(&weight_dir[seg * o * k..(seg + 1) * o * k], o, k).t(),
+            );
+        }
+        drop(cols);
+        add_segment_rows(&mut z_t, &bias_dir, &ranges, hw, o);
+
+        // Norm (with tangents), then the activation.
+        let mut block = TangentBlock {
+            shape: s,
+            weight,
+            weight_dir,
+            gamma_dir: Vec::new(),
+            slope: Vec::new(),
+            xhat: Vec::new(),
+            xhat_t: Vec::new(),
+            inv: Vec::new(),
+            inv_t: Vec::new(),
+        };
+        let (y, y_t) = if norm {
+            let gamma: Vec<T> = tensor_vec(&p[2])?;
+            let beta: Vec<T> = tensor_vec(&p[3])?;
+            let gamma_dir: Vec<T> = tensor_vec(&v[2])?;
+            let beta_dir: Vec<T> = tensor_vec(&v[3])?;
+            let count = T::from(hw).expect("pixel count fits");
+            let mut inv = vec![T::zero(); n * o];
+            let mut inv_t = vec![T::zero(); n * o];
+            // z becomes xhat and z_t becomes xhat'.
+            z.par_chunks_mut(hw * o)
+                .zip(z_t.par_chunks_mut(hw * o))
+                .zip(inv.par_chunks_mut(o))
+                .zip(inv_t.par_chunks_mut(o))
+                .for_each(|(((img, img_t), inv), inv_t)| {
+                    let mut mean = vec![T::zero(); o];
+                    let mut mean_t = vec![T::zero(); o];
+                    for (px, px_t) in img.chunks(o).zip(img_t.chunks(o)) {
+                        for ch in 0..o {
+                            mean[ch] += px[ch];
+                            mean_t[ch] += px_t[ch];
+                        }
+                    }
+                    mean.iter_mut().for_each(|m| *m /= count);
+                    mean_t.iter_mut().for_each(|m| *m /= count);
+                    let mut var = vec![T::zero(); o];
+                    for px in img.chunks(o) {
+                        for ch in 0..o {
+                            let dv = px[ch] - mean[ch];
+                            var[ch] += dv * dv;
+                        }
+                    }
+                    for ch in 0..o {
+                        inv[ch] = (var[ch] / count + eps).sqrt().recip();
+                    }
+                    // mean(xhat z') per channel.
+                    let mut mxz = vec![T::zero(); o];
+                    for (px, px_t) in img.chunks_mut(o).zip(img_t.chunks(o)) {
+                        for ch in 0..o {
+                            px[ch] = (px[ch] - mean[ch]) * inv[ch];
+                            mxz[ch] += px[ch] * px_t[ch];
+                        }
+                    }
+                    mxz.iter_mut().for_each(|m| *m /= count);
+                    for ch in 0..o {
+                        inv_t[ch] = -inv[ch] * inv[ch] * mxz[ch];
+                    }
+                    for (px, px_t) in img.chunks(o).zip(img_t.chunks_mut(o)) {
+                        for ch in 0..o {
+                            px_t[ch] = inv[ch] * (px_t[ch] - mean_t[ch] - px[ch] * mxz[ch]);
+                        }
+                    }
+                });
+            let mut y = vec![T::zero(); z.len()];
+            let mut y_t = vec![T::zero(); z.len()];
+            for (i, ((yi, yti), (xi, xti))) in y
+                .chunks_mut(hw * o)
+                .zip(y_t.chunks_mut(hw * o))
+                .zip(z.chunks(hw * o).zip(z_t.chunks(hw * o)))
+                .enumerate()
+            {
+                let seg = seg_of[i];
+                let gd = &gamma_dir[seg * o..(seg + 1) * o];
+                let bd = &beta_dir[seg * o..(seg + 1) * o];
+                for (((yp, ytp), xp), xtp) in yi
+                    .chunks_mut(o)
+                    .zip(yti.chunks_mut(o))
+                    .zip(xi.chunks(o))
+                    .zip(xti.chunks(o))
+                {
+                    for ch in 0..o {
+                        yp[ch] = xp[ch] * gamma[ch] + beta[ch];
+                        ytp[ch] = xtp[ch] * gamma[ch] + xp[ch] * gd[ch] + bd[ch];
+                    }
+                }
+            }
+            block.gamma_dir = gamma_dir;
+            block.inv = inv;
+            block.inv_t = inv_t;
+            block.xhat = z;
+            block.xhat_t = z_t;
+            (y, y_t)
+        } else {
+            (z, z_t)
+        };
+        block.slope = y.iter().map(|&v| slope(v, negative)).collect();
+        let act: Vec<T> = y.iter().zip(&block.slope).map(|(v, m)| *v * *m).collect();
+        let act_t: Vec<T> = y_t.iter().zip(&block.slope).map(|(v, m)| *v * *m).collect();
+        let (ho, wo) = (s.ho(), s.wo());
+        if pool {
+            a = pool_forward(&act, n, ho, wo, o);
+            a_t = Some(pool_forward(&act_t, n, ho, wo, o));
+            (h, w) = (ho / 2, wo / 2);
+        } else {
+            a = act;
+            a_t = Some(act_t);
+            (h, w) = (ho, wo);
+        }
+        c = o;
+        blocks.push(block);
+    }
+    let a_t = a_t.expect("at least one block");
+
+    // Classifier and softmax, with tangents.
+    let n_params = params.len();
+    let n_classes = params[n_params - 2].dim(0)?;
+    let feat_dim = h * w * c;
+    let mut w_fc = vec![T::zero(); n_classes * feat_dim];
+    swap_last_two(
+        &tensor_vec::<T>(&params[n_params - 2])?,
+        n_classes,
+        c,
+        h * w,
+        &mut w_fc,
+    );
+    let w_fc_v: Vec<T> = tensor_vec(&directions[n_params - 2])?;
+    let mut w_fc_dir = vec![T::zero(); w_fc_v.len()];
+    for seg in 0..s_count {
+        let range = seg * n_classes * feat_dim..(seg + 1) * n_classes * feat_dim;
+        swap_last_two(
+            &w_fc_v[range.clone()],
+            n_classes,
+            c,
+            h * w,
+            &mut w_fc_dir[range],
+        );
+    }
+    let b_fc: Vec<T> = tensor_vec(&params[n_params - 1])?;
+    let b_fc_dir: Vec<T> = tensor_vec(&directions[n_params - 1])?;
+    let mut logits = vec![T::zero(); n * n_classes];
+    matmul(
+        &mut logits,
+        MatRef::rows(&a, n, feat_dim),
+        MatRef::rows(&w_fc, n_classes, feat_dim).t(),
+    );
+    for row in logits.chunks_mut(n_classes) {
+        row.iter_mut().zip(&b_fc).for_each(|(l, b)| *l += *b);
+    }
+    let mut logits_t = vec![T::zero(); n * n_classes];
+    matmul(
+        &mut logits_t,
+        MatRef::rows(&a_t, n, feat_dim),
+        MatRef::rows(&w_fc, n_classes, feat_dim).t(),
+    );
+    for (seg, &(start, len)) in ranges.iter().enumerate() {
+        matmul_add(
+            &mut logits_t[start * n_classes..(start + len) * n_classes],
+            MatRef::rows(
+                &a[start * feat_dim..(start + len) * feat_dim],
+                len,
+                feat_dim,
+            ),
+            MatRef::rows(
+                &w_fc_dir[seg * n_classes * feat_dim..(seg + 1) * n_classes * feat_dim],
+                n_classes,
+                feat_dim,
+            )
+            .t(),
+        );
+    }
+    add_segment_rows(&mut logits_t, &b_fc_dir, &ranges, 1, n_classes);
+    let mut dlogits = vec![T::zero(); n * n_classes];
+    let mut dlogits_t = vec![T::zero(); n * n_classes];
+    for i in 0..n {
+        let row = &logits[i * n_classes..(i + 1) * n_classes];
+        let row_t = &logits_t[i * n_classes..(i + 1) * n_classes];
+        let max = row.iter().copied().fold(T::neg_infinity(), Float::max);
+        let sum: T = row.iter().map(|&l| (l - max).exp()).sum();
+        let probs: Vec<T> = row.iter().map(|&l| (l - max).exp() / sum).collect();
+        let mean_t: T = probs.iter().zip(row_t).map(|(p, l)| *p * *l).sum();
+        let inv_len = T::from(ranges[seg_of[i]].1).expect("length fits").recip();
+        let label = labels[i] as usize;
+        for j in 0..n_classes {
+            let onehot = if j == label { T::one() } else { T::zero() };
+            dlogits[i * n_classes + j] = (probs[j] - onehot) * inv_len;
+            dlogits_t[i * n_classes + j] = probs[j] * (row_t[j] - mean_t) * inv_len;
+        }
+    }
+
+    // Backward to the input, with tangents.
+    let mut da = vec![T::zero(); n * feat_dim];
+    matmul(
+        &mut da,
+        MatRef::rows(&dlogits, n, n_classes),
+        MatRef::rows(&w_fc, n_classes, feat_dim),
+    );
+    let mut da_t = vec![T::zero(); n * feat_dim];
+    matmul(
+        &mut da_t,
+        MatRef::rows(&dlogits_t, n, n_classes),
+        MatRef::rows(&w_fc, n_classes, feat_dim),
+    );
+    for (seg, &(start, len)) in ranges.iter().enumerate() {
+        matmul_add(
+            &mut da_t[start * feat_dim..(start + len) * feat_dim],
+            MatRef::rows(
+                &dlogits[start * n_classes..(start + len) * n_classes],
+                len,
+                n_classes,
+            ),
+            MatRef::rows(
+                &w_fc_dir[seg * n_classes * feat_dim..(seg + 1) * n_classes * feat_dim],
+                n_classes,
+                feat_dim,
+            ),
+        );
+    }
+    for d in (0..config.depth).rev() {
+        let b = blocks.pop().expect("one cache per block");
+        let s = b.shape;
+        let p = &params[d * stride..(d + 1) * stride];
+        let (o, hw, k, ho, wo) = (s.o, s.hw(), s.k(), s.ho(), s.wo());
+        let (mut dz, mut dz_t) = if pool {
+            (
+                pool_backward(&da, n, ho, wo, o),
+                pool_backward(&da_t, n, ho, wo, o),
+            )
+        } else {
+            (da, da_t)
+        };
+        for ((g, g_t), m) in dz.iter_mut().zip(dz_t.iter_mut()).zip(&b.slope) {
+            *g *= *m;
+            *g_t *= *m;
+        }
+        if norm {
+            let gamma: Vec<T> = tensor_vec(&p[2])?;
+            let count = T::from(hw).expect("pixel count fits");
+            let per_image: Vec<usize> = seg_of.clone();
+            dz.par_chunks_mut(hw * o)
+                .zip(dz_t.par_chunks_mut(hw * o))
+                .zip(b.xhat.par_chunks(hw * o))
+                .zip(b.xhat_t.par_chunks(hw * o))
+                .zip(b.inv.par_chunks(o))
+                .zip(b.inv_t.par_chunks(o))
+                .enumerate()
+                .for_each(|(i, (((((g, g_t), xh), xh_t), inv), inv_t))| {
+                    let seg = per_image[i];
+                    let gd = &b.gamma_dir[seg * o..(seg + 1) * o];
+                    let (mut m1, mut m2) = (vec![T::zero(); o], vec![T::zero(); o]);
+                    let (mut m1_t, mut m2_t) = (vec![T::zero(); o], vec![T::zero(); o]);
+                    for (((gp, gtp), xp), xtp) in g
+                        .chunks_mut(o)
+                        .zip(g_t.chunks_mut(o))
+                        .zip(xh.chunks(o))
+                        .zip(xh_t.chunks(o))
+                    {
+                        for ch in 0..o {
+                            // dxhat = dy gamma; dxhat' = dy' gamma + dy V_gamma.
+                            let dx = gp[ch] * gamma[ch];
+                            let dx_t = gtp[ch] * gamma[ch] + gp[ch] * gd[ch];
+                            gp[ch] = dx;
+                            gtp[ch] = dx_t;
+                            m1[ch] += dx;
+                            m2[ch] += dx * xp[ch];
+                            m1_t[ch] += dx_t;
+                            m2_t[ch] += dx_t * xp[ch] + dx * xtp[ch];
+                        }
+                    }
+                    for v in [&mut m1, &mut m2, &mut m1_t, &mut m2_t] {
+                        v.iter_mut().for_each(|m| *m /= count);
+                    }
+                    for (((gp, gtp), xp), xtp) in g
+                        .chunks_mut(o)
+                        .zip(g_t.chunks_mut(o))
+                        .zip(xh.chunks(o))
+                        .zip(xh_t.chunks(o))
+                    {
+                        for ch in 0..o {
+                            let u = gp[ch] - m1[ch] - xp[ch] * m2[ch];
+                            let u_t = gtp[ch] - m1_t[ch] - xtp[ch] * m2[ch] - xp[ch] * m2_t[ch];
+                            gp[ch] = inv[ch] * u;
+                            gtp[ch] = inv_t[ch] * u + inv[ch] * u_t;
+                        }
+                    }
+                });
+        }
+        // dcols' = dz' W + dz V_W (per segment); da' = col2im(dcols').
+        let mut dcols_t = vec![T::zero(); n * hw * k];
+        matmul(
+            &mut dcols_t,
+            MatRef::rows(&dz_t, n * hw, o),
+            MatRef::rows(&b.weight, o, k),
+        );
+        for (seg, &(start, len)) in ranges.iter().enumerate() {
+            let (r0, rn) = (start * hw, len * hw);
+            matmul_add(
+                &mut dcols_t[r0 * k..(r0 + rn) * k],
+                MatRef::rows(&dz[r0 * o..(r0 + rn) * o], rn, o),
+                MatRef::rows(&b.weight_dir[seg * o * k..(seg + 1) * o * k], o, k),
+            );
+        }
+        da_t = col2im(&dcols_t, s);
+        drop(dcols_t);
+        if d > 0 {
+            let mut dcols = vec![T::zero(); n * hw * k];
+            matmul(
+                &mut dcols,
+                MatRef::rows(&dz, n * hw, o),
+                MatRef::rows(&b.weight, o, k),
+            );
+            da = col2im(&dcols, s);
+        } else {
+            da = Vec::new();
+        }
+    }
+    drop(da);
+    Ok(permute_channels(&da_t, c0, h0 * w0, false))
+}
+
 /// Sums rows of a per-image (N, width) matrix over every segment's images: (S, width).
 fn segment_sums<T: Real>(per_image: &[T], ranges: &[(usize, usize)], width: usize) -> Vec<T> {
     let mut out = vec![T::zero(); ranges.len() * width];
@@ -907,6 +1476,86 @@ mod tests {
             assert!(
                 diff <= 1e-4 * scale + 1e-5,
                 "parameter {i}: {diff} of {scale}"
+            );
+        }
+    }
+
+    /// The second-order term against candle's autograd through the candle-op backward pass,
+    /// in f64, for every supported variant and uneven segments.
+    #[test]
+    fn gradient_of_gradients_matches_autograd_in_f64() {
+        let base = ConvNetConfig {
+            width: 5,
+            depth: 2,
+            image_size: 12,
+            ..ConvNetConfig::default()
+        };
+        let variants = [
+            base.clone(),
+            ConvNetConfig {
+                activation: Activation::LeakyRelu,
+                norm: Norm::None,
+                ..base.clone()
+            },
+            ConvNetConfig {
+                pooling: Pooling::None,
+                depth: 1,
+                ..base.clone()
+            },
+            ConvNetConfig {
+                depth: 3,
+                width: 4,
+                image_size: 28,
+                ..base.clone()
+            },
+        ];
+        for (v, config) in variants.iter().enumerate() {
+            let params = network(config, DType::F64, 20 + v as u64);
+            let (xs, labels) = batch(config, 6, DType::F64);
+            let segments = Segments::new(vec![2, 3, 1]).unwrap();
+            let directions: Vec<Tensor> = params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut shape = vec![3];
+                    shape.extend_from_slice(p.dims());
+                    Tensor::randn(0f64, 1., shape, &Device::Cpu)
+                        .unwrap()
+                        .affine(1.0 + i as f64, 0.0)
+                        .unwrap()
+                })
+                .collect();
+            let ours = gradient_of_gradients(config, &params, &xs, &labels, &segments, &directions)
+                .unwrap();
+            let x = candle_core::Var::from_tensor(&xs).unwrap();
+            let fwd = grads::forward(config, &params, x.as_tensor(), ConvPath::Im2col).unwrap();
+            let g = grads::segment_gradients(
+                config,
+                &params,
+                &fwd,
+                &labels,
+                &segments,
+                ConvPath::Im2col,
+            )
+            .unwrap();
+            let total = g
+                .iter()
+                .zip(&directions)
+                .map(|(g, d)| (g * d).unwrap().sum_all().unwrap())
+                .reduce(|a, b| (a + b).unwrap())
+                .unwrap();
+            let theirs = total
+                .backward()
+                .unwrap()
+                .get(x.as_tensor())
+                .unwrap()
+                .clone();
+            let scale = max_abs_diff(&theirs, &theirs.zeros_like().unwrap());
+            let diff = max_abs_diff(&ours, &theirs);
+            assert!(scale > 0.0, "variant {v}: zero reference");
+            assert!(
+                diff < 1e-9 * scale.max(1.0),
+                "variant {v}: {diff} of {scale}"
             );
         }
     }
