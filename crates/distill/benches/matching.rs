@@ -2,8 +2,9 @@
 //! of ratio 0.01 (45,000 random images; aligned groups ~4,450, conflicting groups ~5):
 //!
 //! - `dc_matching_wW/one_class`: DC's matching-loss gradient for one class at width W: the
-//!   gradients of 256 real images (native kernels), of 10 synthetic images (tracked), the
-//!   layer-wise distance and its backward to the synthetic images. The PyTorch reference
+//!   gradients of 256 real images, of 10 synthetic images, the layer-wise distance and its
+//!   backward to the synthetic images, through `MatchingTarget::loss` as the engine calls it
+//!   (on the CPU: native kernels, second-order term included). The PyTorch reference
 //!   (`xtask/bench/torch_reference.py`) times the same under the same id.
 //! - `dc_iteration_quick_w32/{class,group}`: one whole DC iteration of the quick preset (fresh
 //!   network, 5 outer steps of matching + image update, 10 inner epochs between them; real batch
@@ -18,7 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use debiasdd_cmnist::colored::Split;
 use debiasdd_distill::grads::{self, ConvPath, Segments};
-use debiasdd_distill::{Distance, DistillConfig, Distiller, MatchMode, Preset, distance};
+use debiasdd_distill::{Distance, DistillConfig, Distiller, MatchMode, MatchingTarget, Preset};
 use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
@@ -111,11 +112,16 @@ fn one_class_matching(c: &mut Criterion) {
                 )
                 .unwrap()
                 .grads;
-                let fwd = grads::forward(&config, &params, syn.as_tensor(), path).unwrap();
-                let g_syn =
-                    grads::segment_gradients(&config, &params, &fwd, &syn_y, &syn_seg, path)
-                        .unwrap();
-                let loss = distance::distance(Distance::Ours, &g_syn, &g_real).unwrap();
+                let target = MatchingTarget::new(
+                    config.clone(),
+                    Distance::Ours,
+                    params.clone(),
+                    g_real,
+                    syn_y.clone(),
+                    syn_seg.clone(),
+                    path,
+                );
+                let loss = target.loss(syn.as_tensor()).unwrap();
                 let g = loss.backward().unwrap();
                 g.get(syn.as_tensor())
                     .expect("a gradient reaches the images")

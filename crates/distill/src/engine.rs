@@ -206,6 +206,32 @@ pub struct MatchingTarget {
 }
 
 impl MatchingTarget {
+    /// A target with one term per synthetic segment: term s matches the gradients of synthetic
+    /// segment s (`syn_labels` (N), `syn_segments`) against row s of `g_real` (one tensor per
+    /// parameter, (terms, *shape)) on the network `params`. The engine builds its targets with
+    /// [`Distiller::matching_target`]; this is for benchmarks and experiments on the same route.
+    pub fn new(
+        model: debiasdd_model::ConvNetConfig,
+        distance: crate::Distance,
+        params: Vec<Tensor>,
+        g_real: Vec<Tensor>,
+        syn_labels: Tensor,
+        syn_segments: Segments,
+        path: ConvPath,
+    ) -> Self {
+        Self {
+            model,
+            path,
+            distance,
+            params,
+            g_real,
+            syn_labels,
+            syn_segments,
+            syn_index: None,
+            real_images: 0,
+        }
+    }
+
     /// The summed distance of all terms for the synthetic images `syn` (normalised space);
     /// differentiable with respect to `syn` when it is a variable. On the CPU one op whose
     /// gradient comes from the native kernels (`native_loss`); elsewhere [`Self::loss_by_ops`].
