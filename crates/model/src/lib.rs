@@ -41,7 +41,9 @@
 //! - Max pooling and odd-sized average pooling avoid candle's own backward passes, which are wrong
 //!   there; see [`layers::pool2d`]. Norm layers are written with plain reductions and broadcasts.
 //! - On the CPU, candle's conv input gradient (`conv_transpose2d`, no gemm) and its reductions over
-//!   non-trailing dimensions are slow; [`ops`] routes around both.
+//!   non-trailing dimensions are slow; [`ops`] routes around both. Gradients that nothing flows
+//!   back into skip candle's ops altogether: [`native`] computes them with hand-written kernels
+//!   (and the second-order term of gradient matching, forward-over-reverse).
 //! - Most of a CPU backward pass at batch 256 can go to page faults: every op allocates a fresh
 //!   buffer of up to 134 MB, which glibc serves with `mmap` and returns on free. Binaries should run
 //!   with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>` (or an allocator that keeps freed

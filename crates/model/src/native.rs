@@ -12,6 +12,9 @@
 //! - every convolution product (forward, weight gradient per segment, input gradient) is one call
 //!   to the `gemm` crate on sub-slices, in parallel over rayon's threads;
 //! - per-image work (im2col, col2im, norm statistics, pooling) runs in parallel over images;
+//!   loops over channels first re-slice every operand to the channel count (`&x[..o]`), which
+//!   lets the compiler drop the bounds checks and vectorise them (a width-32 batch of 256 went
+//!   from about 170 to 145 ms here);
 //! - a block keeps only its column matrix, its normalised output and its 1/std for the backward
 //!   pass, and the column buffer is reused for the input gradient.
 //!
@@ -474,6 +477,14 @@ fn run<T: Real>(
                         *i = (*s2 / count + eps).sqrt().recip();
                     }
                     for (px, out) in img.chunks_mut(o).zip(out.chunks_mut(o)) {
+                        let (px, mean, inv, gamma, beta, out) = (
+                            &mut px[..o],
+                            &mean[..o],
+                            &inv[..o],
+                            &gamma[..o],
+                            &beta[..o],
+                            &mut out[..o],
+                        );
                         for ch in 0..o {
                             let xhat = (px[ch] - mean[ch]) * inv[ch];
                             px[ch] = xhat;
@@ -486,6 +497,7 @@ fn run<T: Real>(
             z.par_chunks_mut(o)
                 .zip(act.par_chunks_mut(o))
                 .for_each(|(px, out)| {
+                    let (px, bias, out) = (&mut px[..o], &bias[..o], &mut out[..o]);
                     for ch in 0..o {
                         px[ch] += bias[ch];
                         out[ch] = px[ch] * slope(px[ch], negative);
@@ -651,6 +663,16 @@ fn run<T: Real>(
                     let mut m1 = vec![T::zero(); o];
                     let mut m2 = vec![T::zero(); o];
                     for (gp, xp) in g.chunks_mut(o).zip(xhat.chunks(o)) {
+                        let (xp, gamma, beta, gp, dgamma, dbeta, m1, m2) = (
+                            &xp[..o],
+                            &gamma[..o],
+                            &beta[..o],
+                            &mut gp[..o],
+                            &mut dgamma[..o],
+                            &mut dbeta[..o],
+                            &mut m1[..o],
+                            &mut m2[..o],
+                        );
                         for ch in 0..o {
                             let y = xp[ch] * gamma[ch] + beta[ch];
                             let dy = gp[ch] * slope(y, negative);
@@ -662,11 +684,20 @@ fn run<T: Real>(
                             m2[ch] += dxhat * xp[ch];
                         }
                     }
+                    let (m1, m2) = (&mut m1[..o], &mut m2[..o]);
                     for ch in 0..o {
                         m1[ch] /= count;
                         m2[ch] /= count;
                     }
                     for (gp, xp) in g.chunks_mut(o).zip(xhat.chunks(o)) {
+                        let (gp, m1, xp, m2, inv, dbias) = (
+                            &mut gp[..o],
+                            &m1[..o],
+                            &xp[..o],
+                            &m2[..o],
+                            &inv[..o],
+                            &mut dbias[..o],
+                        );
                         for ch in 0..o {
                             let v = (gp[ch] - m1[ch] - xp[ch] * m2[ch]) * inv[ch];
                             gp[ch] = v;
@@ -682,6 +713,7 @@ fn run<T: Real>(
                 .zip(per_image_bias.par_chunks_mut(o))
                 .for_each(|((g, z), dbias)| {
                     for (gp, zp) in g.chunks_mut(o).zip(z.chunks(o)) {
+                        let (gp, zp, dbias) = (&mut gp[..o], &zp[..o], &mut dbias[..o]);
                         for ch in 0..o {
                             gp[ch] *= slope(zp[ch], negative);
                             dbias[ch] += gp[ch];
@@ -992,6 +1024,8 @@ fn second_order<T: Real>(
                     let mut mean = vec![T::zero(); o];
                     let mut mean_t = vec![T::zero(); o];
                     for (px, px_t) in img.chunks(o).zip(img_t.chunks(o)) {
+                        let (mean, px, mean_t, px_t) =
+                            (&mut mean[..o], &px[..o], &mut mean_t[..o], &px_t[..o]);
                         for ch in 0..o {
                             mean[ch] += px[ch];
                             mean_t[ch] += px_t[ch];
@@ -1001,27 +1035,39 @@ fn second_order<T: Real>(
                     mean_t.iter_mut().for_each(|m| *m /= count);
                     let mut var = vec![T::zero(); o];
                     for px in img.chunks(o) {
+                        let (px, mean, var) = (&px[..o], &mean[..o], &mut var[..o]);
                         for ch in 0..o {
                             let dv = px[ch] - mean[ch];
                             var[ch] += dv * dv;
                         }
                     }
+                    let (inv, var) = (&mut inv[..o], &var[..o]);
                     for ch in 0..o {
                         inv[ch] = (var[ch] / count + eps).sqrt().recip();
                     }
                     // mean(xhat z') per channel.
                     let mut mxz = vec![T::zero(); o];
                     for (px, px_t) in img.chunks_mut(o).zip(img_t.chunks(o)) {
+                        let (px, mean, inv, mxz, px_t) = (
+                            &mut px[..o],
+                            &mean[..o],
+                            &inv[..o],
+                            &mut mxz[..o],
+                            &px_t[..o],
+                        );
                         for ch in 0..o {
                             px[ch] = (px[ch] - mean[ch]) * inv[ch];
                             mxz[ch] += px[ch] * px_t[ch];
                         }
                     }
                     mxz.iter_mut().for_each(|m| *m /= count);
+                    let (inv_t, inv, mxz) = (&mut inv_t[..o], &inv[..o], &mxz[..o]);
                     for ch in 0..o {
                         inv_t[ch] = -inv[ch] * inv[ch] * mxz[ch];
                     }
                     for (px, px_t) in img.chunks(o).zip(img_t.chunks_mut(o)) {
+                        let (px_t, inv, mean_t, px, mxz) =
+                            (&mut px_t[..o], &inv[..o], &mean_t[..o], &px[..o], &mxz[..o]);
                         for ch in 0..o {
                             px_t[ch] = inv[ch] * (px_t[ch] - mean_t[ch] - px[ch] * mxz[ch]);
                         }
@@ -1044,6 +1090,16 @@ fn second_order<T: Real>(
                     .zip(xi.chunks(o))
                     .zip(xti.chunks(o))
                 {
+                    let (yp, xp, gamma, beta, ytp, xtp, gd, bd) = (
+                        &mut yp[..o],
+                        &xp[..o],
+                        &gamma[..o],
+                        &beta[..o],
+                        &mut ytp[..o],
+                        &xtp[..o],
+                        &gd[..o],
+                        &bd[..o],
+                    );
                     for ch in 0..o {
                         yp[ch] = xp[ch] * gamma[ch] + beta[ch];
                         ytp[ch] = xtp[ch] * gamma[ch] + xp[ch] * gd[ch] + bd[ch];
@@ -1220,6 +1276,18 @@ fn second_order<T: Real>(
                         .zip(xh.chunks(o))
                         .zip(xh_t.chunks(o))
                     {
+                        let (gp, gamma, gtp, gd, m1, m2, xp, m1_t, m2_t, xtp) = (
+                            &mut gp[..o],
+                            &gamma[..o],
+                            &mut gtp[..o],
+                            &gd[..o],
+                            &mut m1[..o],
+                            &mut m2[..o],
+                            &xp[..o],
+                            &mut m1_t[..o],
+                            &mut m2_t[..o],
+                            &xtp[..o],
+                        );
                         for ch in 0..o {
                             // dxhat = dy gamma; dxhat' = dy' gamma + dy V_gamma.
                             let dx = gp[ch] * gamma[ch];
@@ -1241,6 +1309,18 @@ fn second_order<T: Real>(
                         .zip(xh.chunks(o))
                         .zip(xh_t.chunks(o))
                     {
+                        let (gp, m1, xp, m2, gtp, m1_t, xtp, m2_t, inv, inv_t) = (
+                            &mut gp[..o],
+                            &m1[..o],
+                            &xp[..o],
+                            &m2[..o],
+                            &mut gtp[..o],
+                            &m1_t[..o],
+                            &xtp[..o],
+                            &m2_t[..o],
+                            &inv[..o],
+                            &inv_t[..o],
+                        );
                         for ch in 0..o {
                             let u = gp[ch] - m1[ch] - xp[ch] * m2[ch];
                             let u_t = gtp[ch] - m1_t[ch] - xtp[ch] * m2[ch] - xp[ch] * m2_t[ch];
