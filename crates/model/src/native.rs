@@ -404,22 +404,10 @@ fn run<T: Real>(
     let pool = config.pooling == Pooling::Avg;
     let stride = if norm { 4 } else { 2 };
     let eps = T::from(NORM_EPS).expect("eps fits the float type");
-    let quarter = T::from(0.25).expect("0.25 fits");
     let negative = negative_slope::<T>(config.activation);
 
     // Channels-last input.
-    let nchw: Vec<T> = tensor_vec(xs)?;
-    let mut a = vec![T::zero(); nchw.len()];
-    a.par_chunks_mut(c0 * h0 * w0)
-        .zip(nchw.par_chunks(c0 * h0 * w0))
-        .for_each(|(dst, src)| {
-            for ch in 0..c0 {
-                for p in 0..h0 * w0 {
-                    dst[p * c0 + ch] = src[ch * h0 * w0 + p];
-                }
-            }
-        });
-    drop(nchw);
+    let mut a = permute_channels(&tensor_vec::<T>(xs)?, c0, h0 * w0, true);
 
     // Forward.
     let (mut c, mut h, mut w) = (c0, h0, w0);
@@ -506,27 +494,8 @@ fn run<T: Real>(
         }
         let (ho, wo) = (s.ho(), s.wo());
         a = if pool {
-            let (ph, pw) = (ho / 2, wo / 2);
-            let mut pooled = vec![T::zero(); n * ph * pw * o];
-            pooled
-                .par_chunks_mut(ph * pw * o)
-                .zip(act.par_chunks(hw * o))
-                .for_each(|(dst, img)| {
-                    for y in 0..ph {
-                        for x in 0..pw {
-                            let out = &mut dst[(y * pw + x) * o..(y * pw + x + 1) * o];
-                            for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                                let src = ((2 * y + dy) * wo + 2 * x + dx) * o;
-                                for (d, v) in out.iter_mut().zip(&img[src..src + o]) {
-                                    *d += *v;
-                                }
-                            }
-                            out.iter_mut().for_each(|v| *v *= quarter);
-                        }
-                    }
-                });
-            (h, w) = (ph, pw);
-            pooled
+            (h, w) = (ho / 2, wo / 2);
+            pool_forward(&act, n, ho, wo, o)
         } else {
             (h, w) = (ho, wo);
             act
@@ -627,20 +596,7 @@ fn run<T: Real>(
         let (o, hw, k, ho, wo) = (s.o, s.hw(), s.k(), s.ho(), s.wo());
         // Gradient at the activation output, (N*hw, O).
         let mut dz = if pool {
-            let (ph, pw) = (ho / 2, wo / 2);
-            let mut out = vec![T::zero(); n * hw * o];
-            out.par_chunks_mut(hw * o)
-                .zip(da.par_chunks(ph * pw * o))
-                .for_each(|(img, g)| {
-                    for (r, px) in img.chunks_mut(o).enumerate() {
-                        let (y, x) = (r / wo, r % wo);
-                        let src = ((y / 2) * pw + x / 2) * o;
-                        for (v, gv) in px.iter_mut().zip(&g[src..src + o]) {
-                            *v = *gv * quarter;
-                        }
-                    }
-                });
-            out
+            pool_backward(&da, n, ho, wo, o)
         } else {
             da
         };
@@ -1418,17 +1374,15 @@ mod tests {
         (xs, Tensor::new(labels, &Device::Cpu).unwrap())
     }
 
-    /// Native gradients, logits and losses against the candle-op implementation, in f64, for
-    /// every supported norm, activation and pooling and uneven segments.
-    #[test]
-    fn matches_the_candle_backward_in_f64() {
+    /// Every supported norm, activation and pooling, depths 1 to 3, the protocol's input size.
+    fn variants() -> Vec<ConvNetConfig> {
         let base = ConvNetConfig {
-            width: 6,
+            width: 5,
             depth: 2,
             image_size: 12,
             ..ConvNetConfig::default()
         };
-        let variants = [
+        vec![
             base.clone(),
             ConvNetConfig {
                 activation: Activation::LeakyRelu,
@@ -1445,10 +1399,16 @@ mod tests {
                 in_channels: 1,
                 width: 4,
                 image_size: 28,
-                ..base.clone()
+                ..base
             },
-        ];
-        for (v, config) in variants.iter().enumerate() {
+        ]
+    }
+
+    /// Native gradients, logits and losses against the candle-op implementation, in f64, for
+    /// every supported norm, activation and pooling and uneven segments.
+    #[test]
+    fn matches_the_candle_backward_in_f64() {
+        for (v, config) in variants().iter().enumerate() {
             let params = network(config, DType::F64, v as u64);
             let (xs, labels) = batch(config, 7, DType::F64);
             let segments = Segments::new(vec![3, 1, 3]).unwrap();
@@ -1564,32 +1524,7 @@ mod tests {
     /// in f64, for every supported variant and uneven segments.
     #[test]
     fn gradient_of_gradients_matches_autograd_in_f64() {
-        let base = ConvNetConfig {
-            width: 5,
-            depth: 2,
-            image_size: 12,
-            ..ConvNetConfig::default()
-        };
-        let variants = [
-            base.clone(),
-            ConvNetConfig {
-                activation: Activation::LeakyRelu,
-                norm: Norm::None,
-                ..base.clone()
-            },
-            ConvNetConfig {
-                pooling: Pooling::None,
-                depth: 1,
-                ..base.clone()
-            },
-            ConvNetConfig {
-                depth: 3,
-                width: 4,
-                image_size: 28,
-                ..base.clone()
-            },
-        ];
-        for (v, config) in variants.iter().enumerate() {
+        for (v, config) in variants().iter().enumerate() {
             let params = network(config, DType::F64, 20 + v as u64);
             let (xs, labels) = batch(config, 6, DType::F64);
             let segments = Segments::new(vec![2, 3, 1]).unwrap();
