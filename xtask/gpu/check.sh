@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU check in one call, for a lent GPU machine (no Rust, no internet there): prints the card,
+# distils a short quick-preset run on the CPU and on the GPU and puts their per-iteration losses
+# side by side, then times paper-size DC iterations (width 128, ipc 10, loops 10/50, real batch
+# 256) class-wise and group-wise on the GPU. The official DC code on an H200 takes 2.77 s and
+# 13.4 s per such iteration (protocol §4).
+#
+# Prepare here (the carried paths must lie inside the checkout; target/ and data/ are ignored):
+#   eval "$(../shared/tools/cuda-toolchain.sh)"
+#   CARGO_TARGET_DIR=target/cuda cargo build --release -p debiasdd-cli --features debiasdd-cli/cuda
+#   mkdir -p data/mnist && cp ../shared/data/mnist/* data/mnist/
+# then run it there with carry = ["target/cuda/release/debiasdd", "data/mnist"]:
+#   bash xtask/gpu/check.sh
+# Everything it writes goes to $OUT (the device tool brings that folder back).
+#
+# Settings (environment): BIN, MNIST, OUT, DEVICE (cuda), ITERATIONS (3; the first includes
+# start-up), PRESET (paper; `quick` lets the script itself be tried on a CPU machine with
+# DEVICE=cpu).
+set -euo pipefail
+
+BIN=${BIN:-target/cuda/release/debiasdd}
+MNIST=${MNIST:-data/mnist}
+OUT=${OUT:-/tmp/debiasdd-gpu-check}
+DEVICE=${DEVICE:-cuda}
+ITERATIONS=${ITERATIONS:-3}
+PRESET=${PRESET:-paper}
+export MIMALLOC_PURGE_DELAY=-1
+mkdir -p "$OUT"
+
+losses() { grep -o '"loss":[^,}]*' "$1" | cut -d: -f2 | tr '\n' ' '; }
+seconds() { grep -o '"seconds":[^,}]*' "$1" | cut -d: -f2 | tr '\n' ' '; }
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "(no nvidia-smi)"
+nproc
+"$BIN" --version
+
+echo "== Colored MNIST, seed preset, ratio 0.1"
+data="$OUT/seed-ratio0.1-seed0.safetensors"
+"$BIN" generate --mnist-dir "$MNIST" --ratio 0.1 --out "$data"
+
+echo "== CPU vs $DEVICE: quick preset, group-wise, 2 iterations"
+for run in 1-cpu "2-$DEVICE"; do
+    rm -f "$OUT/short-$run".*
+    "$BIN" distill --data "$data" --preset quick --mode group --iterations 2 --device "${run#*-}" \
+        --out "$OUT/short-$run.safetensors" --history "$OUT/short-$run.jsonl" 2>&1 | tail -n 1
+    echo "losses on ${run#*-}: $(losses "$OUT/short-$run.jsonl")"
+done
+
+echo "== $PRESET preset on $DEVICE, $ITERATIONS iterations per mode (seconds per iteration)"
+for mode in class group; do
+    rm -f "$OUT/$PRESET-$mode".*
+    "$BIN" distill --data "$data" --preset "$PRESET" --mode "$mode" --iterations "$ITERATIONS" \
+        --device "$DEVICE" --out "$OUT/$PRESET-$mode.safetensors" \
+        --history "$OUT/$PRESET-$mode.jsonl" 2>&1 | tail -n 1
+    echo "$mode: seconds $(seconds "$OUT/$PRESET-$mode.jsonl")"
+done
