@@ -1213,7 +1213,6 @@ fn second_order<T: Real>(
         if norm {
             let gamma: Vec<T> = tensor_vec(&p[2])?;
             let count = T::from(hw).expect("pixel count fits");
-            let per_image: Vec<usize> = seg_of.clone();
             dz.par_chunks_mut(hw * o)
                 .zip(dz_t.par_chunks_mut(hw * o))
                 .zip(b.xhat.par_chunks(hw * o))
@@ -1222,7 +1221,7 @@ fn second_order<T: Real>(
                 .zip(b.inv_t.par_chunks(o))
                 .enumerate()
                 .for_each(|(i, (((((g, g_t), xh), xh_t), inv), inv_t))| {
-                    let seg = per_image[i];
+                    let seg = seg_of[i];
                     let gd = &b.gamma_dir[seg * o..(seg + 1) * o];
                     let (mut m1, mut m2) = (vec![T::zero(); o], vec![T::zero(); o]);
                     let (mut m1_t, mut m2_t) = (vec![T::zero(); o], vec![T::zero(); o]);
