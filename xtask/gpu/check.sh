@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check in one call, for a lent GPU machine (no Rust, no internet there): prints the card,
-# distils a short quick-preset run on the CPU and on the GPU and puts their per-iteration losses
-# side by side, then times paper-size DC iterations (width 128, ipc 10, loops 10/50, real batch
-# 256) class-wise and group-wise on the GPU. The official DC code on an H200 takes 2.77 s and
+# distils a short quick-preset run on the CPU, on the GPU in full f32 and on the GPU with TF32
+# matmuls, and puts their per-iteration losses side by side, then times paper-size DC iterations
+# (width 128, ipc 10, loops 10/50, real batch 256) class-wise and group-wise on the GPU, with TF32
+# off and on. The official DC code on an H200 takes 2.77 s and
 # 13.4 s per such iteration (protocol §4).
 #
 # Prepare here (the carried paths must lie inside the checkout; target/ and data/ are ignored):
@@ -15,7 +16,7 @@
 #
 # Settings (environment): BIN, MNIST, OUT, DEVICE (cuda), ITERATIONS (3; the first includes
 # start-up), PRESET (paper; `quick` lets the script itself be tried on a CPU machine with
-# DEVICE=cpu).
+# DEVICE=cpu), TF32 (which settings to time: "off on"; TF32 has no effect on the CPU).
 set -euo pipefail
 
 BIN=${BIN:-target/cuda/release/debiasdd}
@@ -24,6 +25,7 @@ OUT=${OUT:-/tmp/debiasdd-gpu-check}
 DEVICE=${DEVICE:-cuda}
 ITERATIONS=${ITERATIONS:-3}
 PRESET=${PRESET:-paper}
+TF32=${TF32:-off on}
 export MIMALLOC_PURGE_DELAY=-1
 mkdir -p "$OUT"
 
@@ -39,19 +41,27 @@ echo "== Colored MNIST, seed preset, ratio 0.1"
 data="$OUT/seed-ratio0.1-seed0.safetensors"
 "$BIN" generate --mnist-dir "$MNIST" --ratio 0.1 --out "$data"
 
-echo "== CPU vs $DEVICE: quick preset, group-wise, 2 iterations"
-for run in 1-cpu "2-$DEVICE"; do
-    rm -f "$OUT/short-$run".*
-    "$BIN" distill --data "$data" --preset quick --mode group --iterations 2 --device "${run#*-}" \
-        --out "$OUT/short-$run.safetensors" --history "$OUT/short-$run.jsonl" 2>&1 | tail -n 1
-    echo "losses on ${run#*-}: $(losses "$OUT/short-$run.jsonl")"
+tf32_flag() { if [ "$1" = on ]; then echo --tf32; fi; }
+
+echo "== CPU vs $DEVICE: quick preset, group-wise, 2 iterations (TF32 on $DEVICE: $TF32)"
+runs="cpu:off"
+for t in $TF32; do runs="$runs $DEVICE:$t"; done
+for run in $runs; do
+    dev=${run%:*} t=${run##*:} name="short-${dev//:/}-tf32$t"
+    rm -f "$OUT/$name".*
+    "$BIN" distill $(tf32_flag "$t") --data "$data" --preset quick --mode group --iterations 2 \
+        --device "$dev" --out "$OUT/$name.safetensors" --history "$OUT/$name.jsonl" 2>&1 | tail -n 1
+    echo "losses on $dev, TF32 $t: $(losses "$OUT/$name.jsonl")"
 done
 
 echo "== $PRESET preset on $DEVICE, $ITERATIONS iterations per mode (seconds per iteration)"
-for mode in class group; do
-    rm -f "$OUT/$PRESET-$mode".*
-    "$BIN" distill --data "$data" --preset "$PRESET" --mode "$mode" --iterations "$ITERATIONS" \
-        --device "$DEVICE" --out "$OUT/$PRESET-$mode.safetensors" \
-        --history "$OUT/$PRESET-$mode.jsonl" 2>&1 | tail -n 1
-    echo "$mode: seconds $(seconds "$OUT/$PRESET-$mode.jsonl")"
+for t in $TF32; do
+    for mode in class group; do
+        name="$PRESET-$mode-tf32$t"
+        rm -f "$OUT/$name".*
+        "$BIN" distill $(tf32_flag "$t") --data "$data" --preset "$PRESET" --mode "$mode" \
+            --iterations "$ITERATIONS" --device "$DEVICE" --out "$OUT/$name.safetensors" \
+            --history "$OUT/$name.jsonl" 2>&1 | tail -n 1
+        echo "$mode, TF32 $t: seconds $(seconds "$OUT/$name.jsonl")"
+    done
 done

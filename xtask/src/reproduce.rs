@@ -27,6 +27,9 @@ pub struct ReproduceArgs {
     /// cpu, cuda[:N] or metal (the latter two need `--features cuda` / `metal` on xtask).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On CUDA, let f32 matrix products and convolutions use TF32 tensor cores.
+    #[arg(long)]
+    tf32: bool,
     /// Results root; the grid writes into <OUT>/<preset>.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -79,6 +82,7 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<()> {
     let config = args.config();
     config.validate()?;
     let device = debiasdd_model::device::parse_device(&args.device)?;
+    debiasdd_model::device::set_tf32(args.tf32);
     let out = root.join(&args.out).join(config.preset.name());
     let paths = Paths {
         out: out.clone(),

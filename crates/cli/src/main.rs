@@ -34,6 +34,10 @@ struct Cli {
     /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// On CUDA, let f32 matrix products and convolutions use TF32 tensor cores (faster; about
+    /// 1e-3 relative difference from full f32). No effect on the CPU.
+    #[arg(long, global = true)]
+    tf32: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +73,7 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    debiasdd_model::device::set_tf32(cli.tf32);
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
