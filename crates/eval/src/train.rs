@@ -264,7 +264,7 @@ pub fn predict(net: &Network, set: &ImageSet, norm: &Normalization) -> Result<Ve
     for chunk in indices.chunks(BATCH) {
         let part = set.subset(chunk);
         let (xs, _) = part.to_tensors(norm, net.device(), net.dtype())?;
-        let logits = net.forward_t(&xs, false)?;
+        let logits = net.predict_logits(&xs)?;
         let classes: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         predictions.extend(classes.into_iter().map(|c| c as u8));
     }

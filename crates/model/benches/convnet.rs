@@ -4,6 +4,9 @@
 //!
 //! `cargo bench -p debiasdd-model --bench convnet`
 //!
+//! `forward` is candle's ops with autograd on (as a tracked forward pass runs);
+//! `forward_nograd_native` the native forward pass that evaluation uses for predictions.
+//!
 //! Three ways to the same parameter gradients: `forward_backward` goes through candle's autograd;
 //! `forward_backward_explicit` through the hand-written backward pass in candle ops
 //! (`debiasdd_model::grads`, what tracked synthetic images use); `forward_backward_native`
@@ -57,6 +60,11 @@ fn bench_convnet(c: &mut Criterion) {
                 device.synchronize().unwrap();
                 logits
             })
+        });
+        // Inference, as the evaluator predicts: the native forward pass with no gradient
+        // tracking (`Network::predict_logits`), beside PyTorch's `forward_nograd`.
+        group.bench_function("forward_nograd_native", |b| {
+            b.iter(|| net.predict_logits(black_box(&images)).unwrap())
         });
         group.bench_function("forward_backward", |b| {
             b.iter(|| {

@@ -89,6 +89,25 @@ pub fn segment_gradients(
     }
 }
 
+/// The logits (N, classes) of the batch `xs` (N, C, H, W) on the ConvNet `params`: the forward
+/// pass alone, keeping no buffer for a backward pass. Same preconditions as
+/// [`segment_gradients`].
+pub fn logits(config: &ConvNetConfig, params: &[Tensor], xs: &Tensor) -> Result<Tensor> {
+    check_network(config, params, xs)?;
+    let n = xs.dim(0)?;
+    match xs.dtype() {
+        DType::F32 => {
+            let pass = forward_pass::<f32>(config, params, xs, false)?;
+            Tensor::from_vec(pass.logits, (n, pass.n_classes), xs.device())
+        }
+        DType::F64 => {
+            let pass = forward_pass::<f64>(config, params, xs, false)?;
+            Tensor::from_vec(pass.logits, (n, pass.n_classes), xs.device())
+        }
+        dtype => candle_core::bail!("native kernels: unsupported dtype {dtype:?}"),
+    }
+}
+
 /// The checks shared by the public entry points; returns the labels.
 fn check_inputs(
     config: &ConvNetConfig,
@@ -97,6 +116,20 @@ fn check_inputs(
     labels: &Tensor,
     segments: &Segments,
 ) -> Result<Vec<u32>> {
+    check_network(config, params, xs)?;
+    let n = xs.dim(0)?;
+    if segments.total() != n {
+        candle_core::bail!("segments cover {} samples, batch has {n}", segments.total())
+    }
+    let labels: Vec<u32> = labels.to_dtype(DType::U32)?.to_vec1()?;
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= config.n_classes) {
+        candle_core::bail!("label {bad} out of range for {} classes", config.n_classes)
+    }
+    Ok(labels)
+}
+
+/// The checks on the network and the input batch.
+fn check_network(config: &ConvNetConfig, params: &[Tensor], xs: &Tensor) -> Result<()> {
     if let Some(reason) = crate::grads::unsupported_reason(config) {
         candle_core::bail!("{reason}")
     }
@@ -114,7 +147,7 @@ fn check_inputs(
             params.len()
         )
     }
-    let (n, c, h, w) = xs.dims4()?;
+    let (_, c, h, w) = xs.dims4()?;
     if c != config.in_channels || h != config.image_size || w != config.image_size {
         candle_core::bail!(
             "input ({c}, {h}, {w}) does not match the network's ({}, {s}, {s})",
@@ -122,14 +155,7 @@ fn check_inputs(
             s = config.image_size
         )
     }
-    if segments.total() != n {
-        candle_core::bail!("segments cover {} samples, batch has {n}", segments.total())
-    }
-    let labels: Vec<u32> = labels.to_dtype(DType::U32)?.to_vec1()?;
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= config.n_classes) {
-        candle_core::bail!("label {bad} out of range for {} classes", config.n_classes)
-    }
-    Ok(labels)
+    Ok(())
 }
 
 /// A strided view of a matrix: element (i, j) is `data[i * row_stride + j * col_stride]`.
@@ -392,13 +418,30 @@ fn slope<T: Real>(y: T, negative: T) -> T {
     if y > T::zero() { T::one() } else { negative }
 }
 
-fn run<T: Real>(
+/// The forward pass, channels-last, and what the backward pass needs of it.
+struct ForwardPass<T> {
+    /// One cache per block when asked for, else none.
+    blocks: Vec<BlockCache<T>>,
+    /// The classifier's input, (N, h*w*c) channels-last.
+    features: Vec<T>,
+    /// The last block's output size: height, width, channels.
+    feature_shape: (usize, usize, usize),
+    /// The classifier weight permuted to channels-last features, (K, h*w*c).
+    w_fc: Vec<T>,
+    /// (N, K).
+    logits: Vec<T>,
+    n_classes: usize,
+}
+
+/// Runs the conv blocks and the classifier on `xs`; `keep` keeps each block's column matrix,
+/// pre-activation and 1/std for a backward pass (without it, each block's buffers are freed as
+/// soon as the next block has its input).
+fn forward_pass<T: Real>(
     config: &ConvNetConfig,
     params: &[Tensor],
     xs: &Tensor,
-    labels: &[u32],
-    segments: &Segments,
-) -> Result<SegmentGradients> {
+    keep: bool,
+) -> Result<ForwardPass<T>> {
     let (n, c0, h0, w0) = xs.dims4()?;
     let norm = config.norm == Norm::Instance;
     let pool = config.pooling == Pooling::Avg;
@@ -411,7 +454,7 @@ fn run<T: Real>(
 
     // Forward.
     let (mut c, mut h, mut w) = (c0, h0, w0);
-    let mut blocks: Vec<BlockCache<T>> = Vec::with_capacity(config.depth);
+    let mut blocks: Vec<BlockCache<T>> = Vec::with_capacity(if keep { config.depth } else { 0 });
     for d in 0..config.depth {
         let p = &params[d * stride..(d + 1) * stride];
         let o = p[0].dim(0)?;
@@ -501,13 +544,15 @@ fn run<T: Real>(
             act
         };
         c = o;
-        blocks.push(BlockCache {
-            shape: s,
-            cols,
-            pre: z,
-            inv_std,
-            weight,
-        });
+        if keep {
+            blocks.push(BlockCache {
+                shape: s,
+                cols,
+                pre: z,
+                inv_std,
+                weight,
+            });
+        }
     }
 
     // Classifier: features are channels-last (N, h*w*c); the weight is permuted to match.
@@ -532,6 +577,38 @@ fn run<T: Real>(
     for row in logits.chunks_mut(n_classes) {
         row.iter_mut().zip(&b_fc).for_each(|(l, b)| *l += *b);
     }
+    Ok(ForwardPass {
+        blocks,
+        features: a,
+        feature_shape: (h, w, c),
+        w_fc,
+        logits,
+        n_classes,
+    })
+}
+
+fn run<T: Real>(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    labels: &[u32],
+    segments: &Segments,
+) -> Result<SegmentGradients> {
+    let n = xs.dim(0)?;
+    let norm = config.norm == Norm::Instance;
+    let pool = config.pooling == Pooling::Avg;
+    let stride = if norm { 4 } else { 2 };
+    let negative = negative_slope::<T>(config.activation);
+    let n_params = params.len();
+    let ForwardPass {
+        mut blocks,
+        features: a,
+        feature_shape: (h, w, c),
+        w_fc,
+        logits,
+        n_classes,
+    } = forward_pass::<T>(config, params, xs, true)?;
+    let feat_dim = h * w * c;
 
     // Cross-entropy per sample and d(segment mean)/d logits.
     let mut sample_segment = Vec::with_capacity(n);
@@ -1574,6 +1651,28 @@ mod tests {
         }
     }
 
+    /// The forward pass alone against the network's own candle layers, in f64.
+    #[test]
+    fn logits_match_the_network_forward_in_f64() {
+        for (v, config) in variants().iter().enumerate() {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(v as u64);
+            let net = Network::new(
+                &ModelConfig::ConvNet(config.clone()),
+                &mut rng,
+                &Device::Cpu,
+                DType::F64,
+            )
+            .unwrap();
+            let params: Vec<Tensor> = net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+            let (xs, _) = batch(config, 5, DType::F64);
+            let ours = logits(config, &params, &xs).unwrap();
+            let theirs = net.forward_t(&xs, false).unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "variant {v}");
+            let diff = max_abs_diff(&ours, &theirs);
+            assert!(diff < 1e-10, "variant {v}: logits differ by {diff}");
+        }
+    }
+
     #[test]
     fn refuses_tracked_inputs_and_bad_labels() {
         let config = ConvNetConfig {
@@ -1596,5 +1695,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("label 10"), "{err}");
+        let wrong = Tensor::zeros((2, 3, 5, 5), DType::F32, &Device::Cpu).unwrap();
+        let err = logits(&config, &params, &wrong).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
     }
 }

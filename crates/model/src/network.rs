@@ -259,6 +259,24 @@ impl Network {
         }
     }
 
+    /// Logits for inference, `(N, n_classes)`, tracked by no gradient: `forward_t(xs, false)`
+    /// (batch norm on its running statistics). A ConvNet on the CPU in f32 or f64 whose layers
+    /// the native kernels implement runs [`crate::native::logits`], the same mathematics without
+    /// candle's per-op buffers; every other network and device goes through `forward_t`.
+    pub fn predict_logits(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.check_input(xs)?;
+        let xs = xs.detach();
+        if let ModelConfig::ConvNet(config) = &self.config
+            && crate::grads::unsupported_reason(config).is_none()
+        {
+            let params: Vec<Tensor> = self.vars().iter().map(|v| v.as_detached_tensor()).collect();
+            if crate::native::supports(&xs, &params) {
+                return crate::native::logits(config, &params, &xs);
+            }
+        }
+        Ok(self.forward_t(&xs, false)?.detach())
+    }
+
     /// The features the last linear layer sees, `(N, D)`: the flattened output of the conv
     /// blocks for ConvNet (D = width * s * s, DM's embedding), the last hidden activations for
     /// MLP and LeNet.

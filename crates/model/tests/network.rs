@@ -243,6 +243,43 @@ fn every_convnet_config_has_the_right_shapes() -> Result<()> {
     Ok(())
 }
 
+/// Inference logits (the native kernels where they apply, else `forward_t`) equal the
+/// evaluation-mode forward pass for every ConvNet config and the other networks, and carry no
+/// gradient tracking.
+#[test]
+fn predict_logits_equal_the_eval_forward() -> Result<()> {
+    let images = Tensor::rand(0f32, 1., (3, 3, 28, 28), &CPU)?;
+    let mut configs: Vec<ModelConfig> =
+        vec![MlpConfig::default().into(), LeNetConfig::default().into()];
+    for &norm in Norm::ALL {
+        for &pooling in Pooling::ALL {
+            for &activation in Activation::ALL {
+                configs.push(
+                    ConvNetConfig {
+                        width: 8,
+                        depth: 2,
+                        norm,
+                        activation,
+                        pooling,
+                        ..ConvNetConfig::default()
+                    }
+                    .into(),
+                );
+            }
+        }
+    }
+    for (i, config) in configs.iter().enumerate() {
+        let net = build(config.clone(), i as u64)?;
+        let ours = net.predict_logits(&images)?;
+        ensure!(!ours.track_op(), "{config:?}: tracked logits");
+        let theirs = net.forward_t(&images, false)?;
+        let scale = flat(&theirs)?.iter().fold(1f64, |m, v| m.max(v.abs()));
+        assert_close(&flat(&ours)?, &flat(&theirs)?, 1e-5 * scale)
+            .map_err(|e| e.context(format!("{config:?}")))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn mlp_and_lenet_shapes() -> Result<()> {
     let mlp = build(MlpConfig::default(), 2)?;
