@@ -245,6 +245,7 @@ impl MatchingTarget {
                 syn_labels: self.syn_labels.clone(),
                 syn_segments: self.syn_segments.clone(),
                 syn_index: self.syn_index.clone(),
+                syn_grads: Default::default(),
             };
             return Ok(syn.contiguous()?.apply_op1(op)?);
         }

@@ -6,7 +6,10 @@
 //! synthetic gradients with `debiasdd_model::native` and the distance; its backward gets
 //! `V = dD / dg_syn` from candle's autograd on the small gradient tensors alone, then
 //! `dD / dx = native::gradient_of_gradients(V)` (forward-over-reverse). No graph over
-//! activations is built, and tests compare both routes in f64.
+//! activations is built, and tests compare both routes in f64. The forward keeps the synthetic
+//! gradients for the backward, so each op runs the first-order pass once.
+
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
 use debiasdd_model::ConvNetConfig;
@@ -16,8 +19,10 @@ use debiasdd_model::native;
 use crate::Distance;
 use crate::distance::distance;
 
-/// Everything the loss depends on besides the synthetic images.
-#[derive(Debug, Clone)]
+/// Everything the loss depends on besides the synthetic images. One op serves one application
+/// (the engine builds a fresh one per loss), so the gradients its forward pass keeps belong to
+/// the images its backward pass receives.
+#[derive(Debug)]
 pub(crate) struct NativeMatchingLoss {
     pub model: ConvNetConfig,
     pub distance: Distance,
@@ -26,6 +31,8 @@ pub(crate) struct NativeMatchingLoss {
     pub syn_labels: Tensor,
     pub syn_segments: Segments,
     pub syn_index: Option<Tensor>,
+    /// The synthetic gradients of the forward pass, for the backward pass.
+    pub syn_grads: Mutex<Option<Vec<Tensor>>>,
 }
 
 impl NativeMatchingLoss {
@@ -42,6 +49,13 @@ impl NativeMatchingLoss {
             None => Ok(grads.to_vec()),
             Some(index) => grads.iter().map(|g| g.index_select(index, 0)).collect(),
         }
+    }
+
+    /// The kept synthetic gradients; a poisoned lock (a panic elsewhere) still holds valid ones.
+    fn cached(&self) -> std::sync::MutexGuard<'_, Option<Vec<Tensor>>> {
+        self.syn_grads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn syn_gradients(&self, syn: &Tensor) -> Result<Vec<Tensor>> {
@@ -74,6 +88,7 @@ impl CustomOp1 for NativeMatchingLoss {
         let loss = distance(self.distance, &self.term_gradients(&grads)?, &self.g_real)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
+        *self.cached() = Some(grads);
         let out = match storage {
             CpuStorage::F32(_) => CpuStorage::F32(vec![loss as f32]),
             _ => CpuStorage::F64(vec![loss]),
@@ -83,8 +98,12 @@ impl CustomOp1 for NativeMatchingLoss {
 
     fn bwd(&self, syn: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let syn = syn.detach();
-        let vars = self
-            .syn_gradients(&syn)?
+        let kept = self.cached().clone();
+        let grads = match kept {
+            Some(grads) => grads,
+            None => self.syn_gradients(&syn)?,
+        };
+        let vars = grads
             .iter()
             .map(Var::from_tensor)
             .collect::<Result<Vec<_>>>()?;
