@@ -31,6 +31,11 @@ mkdir -p "$OUT"
 
 losses() { grep -o '"loss":[^,}]*' "$1" | cut -d: -f2 | tr '\n' ' '; }
 seconds() { grep -o '"seconds":[^,}]*' "$1" | cut -d: -f2 | tr '\n' ' '; }
+# Per iteration: real gradients / matching loss and update / inner-loop training, in seconds.
+phases() {
+    sed -E 's/.*"real_seconds":([^,}]*).*"synthetic_seconds":([^,}]*).*"inner_seconds":([^,}]*).*/\1 \/ \2 \/ \3/' "$1" |
+        tr '\n' ';'
+}
 
 echo "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "(no nvidia-smi)"
@@ -63,5 +68,6 @@ for t in $TF32; do
             --iterations "$ITERATIONS" --device "$DEVICE" --out "$OUT/$name.safetensors" \
             --history "$OUT/$name.jsonl" 2>&1 | tail -n 1
         echo "$mode, TF32 $t: seconds $(seconds "$OUT/$name.jsonl")"
+        echo "    real / synthetic / inner: $(phases "$OUT/$name.jsonl")"
     done
 done

@@ -222,7 +222,10 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
         tracing::info!(
             iteration = stats.iteration,
             loss = stats.loss,
-            seconds = stats.seconds
+            seconds = stats.seconds,
+            real_seconds = stats.real_seconds,
+            synthetic_seconds = stats.synthetic_seconds,
+            inner_seconds = stats.inner_seconds
         );
         if let Some(file) = history.as_mut() {
             writeln!(file, "{}", serde_json::to_string(&stats)?)?;

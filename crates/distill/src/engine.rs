@@ -185,7 +185,39 @@ pub struct IterationStats {
     pub loss: f64,
     /// Real images whose gradients were taken.
     pub real_images: usize,
+    /// Wall time of the whole iteration.
     pub seconds: f64,
+    /// Of which: drawing real batches and taking their gradients.
+    pub real_seconds: f64,
+    /// Of which: the matching loss, its gradient and the synthetic update.
+    pub synthetic_seconds: f64,
+    /// Of which: training the network on the synthetic set between updates.
+    pub inner_seconds: f64,
+}
+
+/// Times the phases of an iteration; each split first waits for the device's queued work, so
+/// that on a GPU the time lands in the phase that launched it.
+struct Stopwatch<'a> {
+    device: &'a Device,
+    lap: Instant,
+}
+
+impl<'a> Stopwatch<'a> {
+    fn start(device: &'a Device) -> Self {
+        Self {
+            device,
+            lap: Instant::now(),
+        }
+    }
+
+    /// Seconds since the previous split (or the start).
+    fn split(&mut self) -> candle_core::Result<f64> {
+        self.device.synchronize()?;
+        let now = Instant::now();
+        let seconds = (now - self.lap).as_secs_f64();
+        self.lap = now;
+        Ok(seconds)
+    }
 }
 
 /// The real side of one outer step: a network and the real gradients of every matching term.
@@ -438,9 +470,12 @@ impl Distiller {
             .collect();
         let mut loss_sum = 0.0;
         let mut real_images = 0;
+        let mut watch = Stopwatch::start(&self.device);
+        let (mut real_seconds, mut synthetic_seconds, mut inner_seconds) = (0.0, 0.0, 0.0);
         for outer in 0..c.outer_loop {
             let target = self.matching_target(&params, &mut rng)?;
             real_images += target.real_images;
+            real_seconds += watch.split()?;
             let loss = target.loss(self.synthetic.as_tensor())?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
@@ -461,8 +496,10 @@ impl Distiller {
             self.momentum = ((&self.momentum * c.momentum_img)? + grad)?;
             let updated = (self.synthetic.as_tensor() - (&self.momentum * c.lr_img)?)?;
             self.synthetic.set(&updated)?;
+            synthetic_seconds += watch.split()?;
             if outer + 1 < c.outer_loop {
                 self.train_network(&mut params, &mut rng)?;
+                inner_seconds += watch.split()?;
             }
         }
         self.iteration += 1;
@@ -471,6 +508,9 @@ impl Distiller {
             loss: loss_sum / (c.outer_loop * self.plan.pairs.len()) as f64,
             real_images,
             seconds: start.elapsed().as_secs_f64(),
+            real_seconds,
+            synthetic_seconds,
+            inner_seconds,
         })
     }
 
