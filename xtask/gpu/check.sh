@@ -6,28 +6,36 @@
 # off and on. The official DC code on an H200 takes 2.77 s and
 # 13.4 s per such iteration (protocol §4).
 #
-# Prepare here (the carried paths must lie inside the checkout; target/ and data/ are ignored):
-#   eval "$(../shared/tools/cuda-toolchain.sh)"
-#   CARGO_TARGET_DIR=target/cuda cargo build --release -p debiasdd-cli --features debiasdd-cli/cuda
-#   mkdir -p data/mnist && cp ../shared/data/mnist/* data/mnist/
-# then run it there with carry = ["target/cuda/release/debiasdd", "data/mnist"]:
+# Prepare here with `bash xtask/gpu/prepare.sh` (the CUDA build, stripped and gzipped, and the
+# MNIST files, under target/gpu-carry), then run it there with carry = ["target/gpu-carry"]:
 #   bash xtask/gpu/check.sh
-# Everything it writes goes to $OUT (the device tool brings that folder back).
+# The per-iteration histories (JSON lines) and a copy of what it prints go to $OUT (the device
+# tool brings that folder back); datasets and synthetic sets to $WORK.
 #
-# Settings (environment): BIN, MNIST, OUT, DEVICE (cuda), ITERATIONS (3; the first includes
-# start-up), PRESET (paper; `quick` lets the script itself be tried on a CPU machine with
-# DEVICE=cpu), TF32 (which settings to time: "off on"; TF32 has no effect on the CPU).
+# Settings (environment): CARRY, BIN (default: unpacked from $CARRY), MNIST, OUT, WORK, DEVICE
+# (cuda), ITERATIONS (3; the first includes start-up), PRESET (paper; `quick` lets the script
+# itself be tried on a CPU machine with DEVICE=cpu), TF32 (which settings to time: "off on";
+# TF32 has no effect on the CPU).
 set -euo pipefail
 
-BIN=${BIN:-target/cuda/release/debiasdd}
-MNIST=${MNIST:-data/mnist}
+CARRY=${CARRY:-target/gpu-carry}
+BIN=${BIN:-}
+MNIST=${MNIST:-$CARRY/mnist}
 OUT=${OUT:-/tmp/debiasdd-gpu-check}
+WORK=${WORK:-/tmp/debiasdd-gpu-work}
 DEVICE=${DEVICE:-cuda}
 ITERATIONS=${ITERATIONS:-3}
 PRESET=${PRESET:-paper}
 TF32=${TF32:-off on}
 export MIMALLOC_PURGE_DELAY=-1
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
+exec > >(tee "$OUT/check.log") 2>&1
+if [ -z "$BIN" ]; then
+    BIN=/tmp/debiasdd-gpu-check-bin
+    gunzip -c "$CARRY/debiasdd.gz" > "$BIN"
+    chmod +x "$BIN"
+    echo "binary built from commit $(cat "$CARRY/commit" 2>/dev/null || echo unknown)"
+fi
 
 losses() { grep -o '"loss":[^,}]*' "$1" | cut -d: -f2 | tr '\n' ' '; }
 seconds() { grep -o '"seconds":[^,}]*' "$1" | cut -d: -f2 | tr '\n' ' '; }
@@ -43,7 +51,7 @@ nproc
 "$BIN" --version
 
 echo "== Colored MNIST, seed preset, ratio 0.1"
-data="$OUT/seed-ratio0.1-seed0.safetensors"
+data="$WORK/seed-ratio0.1-seed0.safetensors"
 "$BIN" generate --mnist-dir "$MNIST" --ratio 0.1 --out "$data"
 
 tf32_flag() { if [ "$1" = on ]; then echo --tf32; fi; }
@@ -53,9 +61,9 @@ runs="cpu:off"
 for t in $TF32; do runs="$runs $DEVICE:$t"; done
 for run in $runs; do
     dev=${run%:*} t=${run##*:} name="short-${dev//:/}-tf32$t"
-    rm -f "$OUT/$name".*
+    rm -f "$OUT/$name".* "$WORK/$name".*
     "$BIN" distill $(tf32_flag "$t") --data "$data" --preset quick --mode group --iterations 2 \
-        --device "$dev" --out "$OUT/$name.safetensors" --history "$OUT/$name.jsonl" 2>&1 | tail -n 1
+        --device "$dev" --out "$WORK/$name.safetensors" --history "$OUT/$name.jsonl" 2>&1 | tail -n 1
     echo "losses on $dev, TF32 $t: $(losses "$OUT/$name.jsonl")"
 done
 
@@ -63,9 +71,9 @@ echo "== $PRESET preset on $DEVICE, $ITERATIONS iterations per mode (seconds per
 for t in $TF32; do
     for mode in class group; do
         name="$PRESET-$mode-tf32$t"
-        rm -f "$OUT/$name".*
+        rm -f "$OUT/$name".* "$WORK/$name".*
         "$BIN" distill $(tf32_flag "$t") --data "$data" --preset "$PRESET" --mode "$mode" \
-            --iterations "$ITERATIONS" --device "$DEVICE" --out "$OUT/$name.safetensors" \
+            --iterations "$ITERATIONS" --device "$DEVICE" --out "$WORK/$name.safetensors" \
             --history "$OUT/$name.jsonl" 2>&1 | tail -n 1
         echo "$mode, TF32 $t: seconds $(seconds "$OUT/$name.jsonl")"
         echo "    real / synthetic / inner: $(phases "$OUT/$name.jsonl")"
