@@ -18,8 +18,9 @@ use crate::error::ReproduceError;
 #[serde(rename_all = "kebab-case")]
 pub enum ReproducePreset {
     /// The whole grid on a 2-core CPU in under an hour: one seed, class- and group-wise DC at the
-    /// quick distillation preset with 10 iterations, sets scored by 2 ConvNets (width 32, 100
-    /// epochs, no augmentation), full-data baselines of one pass at width 16.
+    /// quick distillation preset (20 iterations), sets scored by 2 ConvNets (width 32, 300
+    /// epochs, no augmentation): the protocol's small-scale comparison, at every ratio. Full-data
+    /// baselines of one pass at width 16.
     Quick,
     /// The protocol (a GPU job): three seeds, all three matching modes at the paper distillation
     /// preset (width 128, 1000 iterations), sets scored by 5 ConvNets with DC's evaluation
@@ -135,10 +136,10 @@ impl ReproduceConfig {
                 modes: vec![MatchMode::Class, MatchMode::Group],
                 seeds: vec![0],
                 cmnist,
-                distill: DistillSettings::of(Preset::Quick, Some(10)),
+                distill: DistillSettings::of(Preset::Quick, None),
                 eval: EvalConfig {
                     model: convnet(32),
-                    train: no_augment(100),
+                    train: no_augment(300),
                     n_models: 2,
                     seed: 0,
                 },
@@ -266,6 +267,31 @@ mod tests {
         let distill = paper.distill_config(MatchMode::Group, 2);
         assert_eq!((distill.model.width, distill.iterations), (128, 1000));
         assert_eq!(distill.seed, 2);
+        // The quick grid is the protocol's small-scale comparison: width 32, loops 5/10, real
+        // batch 64 per class, 20 iterations from noise; 2 ConvNets of width 32, 300 epochs, no
+        // augmentation.
+        let quick = ReproduceConfig::preset(ReproducePreset::Quick);
+        let class = quick.distill_config(MatchMode::Class, 0);
+        assert_eq!(
+            (
+                class.model.width,
+                class.outer_loop,
+                class.inner_loop,
+                class.batch_real,
+                class.iterations,
+                class.init
+            ),
+            (32, 5, 10, 64, 20, Init::Noise)
+        );
+        assert_eq!(
+            (
+                quick.eval.model.clone(),
+                quick.eval.n_models,
+                quick.eval.train.epochs
+            ),
+            (convnet(32), 2, 300)
+        );
+        assert_eq!(quick.eval.train.augment, Augment::None);
     }
 
     #[test]
