@@ -1428,16 +1428,23 @@ mod tests {
             .unwrap()
     }
 
-    fn network(config: &ConvNetConfig, dtype: DType, seed: u64) -> Vec<Tensor> {
+    fn convnet(config: &ConvNetConfig, dtype: DType, seed: u64) -> Network {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let net = Network::new(
+        Network::new(
             &ModelConfig::ConvNet(config.clone()),
             &mut rng,
             &Device::Cpu,
             dtype,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    fn detached(net: &Network) -> Vec<Tensor> {
         net.vars().iter().map(|v| v.as_detached_tensor()).collect()
+    }
+
+    fn network(config: &ConvNetConfig, dtype: DType, seed: u64) -> Vec<Tensor> {
+        detached(&convnet(config, dtype, seed))
     }
 
     fn batch(config: &ConvNetConfig, n: usize, dtype: DType) -> (Tensor, Tensor) {
@@ -1655,15 +1662,8 @@ mod tests {
     #[test]
     fn logits_match_the_network_forward_in_f64() {
         for (v, config) in variants().iter().enumerate() {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(v as u64);
-            let net = Network::new(
-                &ModelConfig::ConvNet(config.clone()),
-                &mut rng,
-                &Device::Cpu,
-                DType::F64,
-            )
-            .unwrap();
-            let params: Vec<Tensor> = net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+            let net = convnet(config, DType::F64, v as u64);
+            let params = detached(&net);
             let (xs, _) = batch(config, 5, DType::F64);
             let ours = logits(config, &params, &xs).unwrap();
             let theirs = net.forward_t(&xs, false).unwrap();
