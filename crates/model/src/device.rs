@@ -46,11 +46,6 @@ pub fn set_tf32(enabled: bool) {
     candle_core::cuda::set_gemm_reduced_precision_f32(enabled);
 }
 
-/// Whether [`set_tf32`] is on.
-pub fn tf32() -> bool {
-    candle_core::cuda::gemm_reduced_precision_f32()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
