@@ -27,6 +27,15 @@ DC code writes it (a Python loop over matching terms, each with its own forward 
   dc_iteration_quick_w32/group          the same over the 100 (class, colour) groups: real batch
                                         of min(16, group size), one synthetic image per group
 
+With --paper-iteration only the paper preset's iteration is timed (width 128, ipc 10, 10 outer
+steps, 50 inner epochs, real batch 256 in both modes, ratio 0.1 as `xtask/gpu/check.sh` uses):
+
+  dc_iteration_paper_w128/class, dc_iteration_paper_w128/group
+
+--device cuda runs everything selected on the GPU (ids then end in `_cuda` instead of `_cpu`;
+timings synchronise the device). PyTorch's defaults are kept: cuDNN convolutions may use TF32
+(torch.backends.cudnn.allow_tf32), matmuls do not; the output echoes both.
+
 The network is DC's ConvNet (VICO-UoE/DatasetCondensation, networks.py) with the defaults of
 debiasdd: 3 blocks of conv3x3(W) -> GroupNorm(W, W) (DC's "instancenorm") -> ReLU -> avgpool 2x2,
 then linear(W*4*4 -> 10). The first conv pads by 3 so that a 28x28 input becomes 32x32 (whatever
@@ -97,7 +106,7 @@ def distance_wb(gwr: torch.Tensor, gws: torch.Tensor) -> torch.Tensor:
     """DC's layer-wise distance ("ours"): sum over output units of 1 - cos, 1-D tensors skipped."""
     shape = gwr.shape
     if len(shape) == 1:
-        return torch.zeros((), dtype=gwr.dtype)
+        return torch.zeros((), dtype=gwr.dtype, device=gwr.device)
     gwr = gwr.reshape(shape[0], -1)
     gws = gws.reshape(shape[0], -1)
     cos = torch.sum(gwr * gws, dim=-1) / (
@@ -107,58 +116,71 @@ def distance_wb(gwr: torch.Tensor, gws: torch.Tensor) -> torch.Tensor:
 
 
 def match_loss(gw_syn: list[torch.Tensor], gw_real: list[torch.Tensor]) -> torch.Tensor:
-    dis = torch.zeros(())
+    dis = torch.zeros((), device=gw_real[0].device)
     for gwr, gws in zip(gw_real, gw_syn):
         dis = dis + distance_wb(gwr, gws)
     return dis
 
 
+# The quick iteration's group sizes are those of the candle bench's split: 45,000 images, ratio
+# 0.01 of bias-conflicting samples spread over the other nine colours.
 QUICK_ITERATION = dict(outer_loop=5, inner_loop=10, lr_img=0.1, momentum_img=0.5, lr_net=0.01,
-                       batch_train=256, width=32)
-# The group sizes of the candle bench's split: 45,000 images, ratio 0.01 of bias-conflicting
-# samples spread over the other nine colours.
+                       batch_train=256, width=32, batch_real={"class": 64, "group": 16},
+                       conflict_ratio=0.01)
+# debiasdd's paper preset at ipc 10 (DC's loops for ipc 10), on a split with ratio 0.1.
+PAPER_ITERATION = dict(outer_loop=10, inner_loop=50, lr_img=0.1, momentum_img=0.5, lr_net=0.01,
+                       batch_train=256, width=128, batch_real={"class": 256, "group": 256},
+                       conflict_ratio=0.1)
 SPLIT_SIZE = 45_000
-CONFLICT_RATIO = 0.01
 
 
-def biased_split(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random images with Colored-MNIST-like labels and group ids (class * 10 + colour)."""
+def biased_split(
+    generator: torch.Generator, conflict_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random images with Colored-MNIST-like labels and group ids (class * 10 + colour), on the
+    CPU."""
     images = torch.rand(SPLIT_SIZE, CHANNELS, IMAGE, IMAGE, generator=generator)
     labels = torch.arange(SPLIT_SIZE) % CLASSES
     shift = torch.randint(1, CLASSES, (SPLIT_SIZE,), generator=generator)
-    conflicting = torch.rand(SPLIT_SIZE, generator=generator) < CONFLICT_RATIO
+    conflicting = torch.rand(SPLIT_SIZE, generator=generator) < conflict_ratio
     colours = torch.where(conflicting, (labels + shift) % CLASSES, labels)
     return images, labels, labels * CLASSES + colours
 
 
-def dc_iteration(mode: str, generator: torch.Generator) -> Callable[[], object]:
-    """One DC iteration (see the module docs) in `mode` ("class" or "group")."""
-    q = QUICK_ITERATION
-    images, labels, groups = biased_split(generator)
+def dc_iteration(
+    mode: str, generator: torch.Generator, q: dict, device: torch.device
+) -> Callable[[], object]:
+    """One DC iteration (see the module docs) in `mode` ("class" or "group") with the settings
+    `q` (QUICK_ITERATION or PAPER_ITERATION). The index bookkeeping stays on the CPU, as in DC."""
+    images, labels, groups = biased_split(generator, q["conflict_ratio"])
+    images = images.to(device)
+    batch_real = q["batch_real"][mode]
     if mode == "class":
-        keys, key_of, batch_real = list(range(CLASSES)), labels, 64
+        keys, key_of = list(range(CLASSES)), labels
         syn_per_term = SYN_PER_CLASS
     else:
-        keys, key_of, batch_real = list(range(CLASSES * CLASSES)), groups, 16
+        keys, key_of = list(range(CLASSES * CLASSES)), groups
         syn_per_term = SYN_PER_CLASS // CLASSES  # one image per (class, colour)
     members = {k: torch.nonzero(key_of == k).flatten() for k in keys}
     keys = [k for k in keys if len(members[k]) > 0]  # an empty group contributes nothing
     term_class = {k: (k if mode == "class" else k // CLASSES) for k in keys}
-    syn = torch.randn(len(keys) * syn_per_term, CHANNELS, IMAGE, IMAGE, requires_grad=True)
+    syn = torch.randn(len(keys) * syn_per_term, CHANNELS, IMAGE, IMAGE, generator=generator)
+    syn = syn.to(device).requires_grad_(True)
     syn_labels = torch.tensor([term_class[k] for k in keys]).repeat_interleave(syn_per_term)
+    syn_labels = syn_labels.to(device)
     optimizer_img = torch.optim.SGD([syn], lr=q["lr_img"], momentum=q["momentum_img"])
 
     def run() -> object:
-        net = conv_net(q["width"]).train()
+        net = conv_net(q["width"]).to(device).train()
         params = list(net.parameters())
         optimizer_net = torch.optim.SGD(net.parameters(), lr=q["lr_net"])
         for ol in range(q["outer_loop"]):
-            loss = torch.zeros(())
+            loss = torch.zeros((), device=device)
             for t, k in enumerate(keys):
                 idx = members[k]
                 pick = idx[torch.randperm(len(idx), generator=generator)[:batch_real]]
-                img_real = images[pick]
-                lab_real = torch.full((len(pick),), term_class[k], dtype=torch.long)
+                img_real = images[pick.to(device)]
+                lab_real = torch.full((len(pick),), term_class[k], dtype=torch.long, device=device)
                 gw_real = torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), params)
                 gw_real = [g.detach().clone() for g in gw_real]
                 img_syn = syn[t * syn_per_term : (t + 1) * syn_per_term]
@@ -174,7 +196,7 @@ def dc_iteration(mode: str, generator: torch.Generator) -> Callable[[], object]:
                 break
             train_x, train_y = syn.detach().clone(), syn_labels
             for _ in range(q["inner_loop"]):
-                order = torch.randperm(len(train_x), generator=generator)
+                order = torch.randperm(len(train_x), generator=generator).to(device)
                 for start in range(0, len(order), q["batch_train"]):
                     b = order[start : start + q["batch_train"]]
                     optimizer_net.zero_grad()
@@ -185,31 +207,39 @@ def dc_iteration(mode: str, generator: torch.Generator) -> Callable[[], object]:
     return run
 
 
-def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
-    """Median wall time of `fn` in milliseconds over `runs` calls after `warmup` calls."""
+def median_ms(fn: Callable[[], object], runs: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of `fn` in milliseconds over `runs` calls after `warmup` calls; on a GPU
+    each call ends when its queued work has finished."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def cases(width: int) -> dict[str, object]:
+def cases(width: int, device: torch.device) -> dict[str, object]:
     """The timed closures for one width, keyed by benchmark id (a DC iteration as the
     arguments of `dc_iteration`, built only when selected)."""
     torch.manual_seed(0)
-    net = conv_net(width).train()
+    net = conv_net(width).to(device).train()
     params = list(net.parameters())
-    images = torch.rand(BATCH, CHANNELS, IMAGE, IMAGE)
-    labels = torch.arange(BATCH) % CLASSES
+    images = torch.rand(BATCH, CHANNELS, IMAGE, IMAGE).to(device)
+    labels = (torch.arange(BATCH) % CLASSES).to(device)
     # One class of DC: a real batch of that class and its synthetic images.
-    real = torch.rand(BATCH, CHANNELS, IMAGE, IMAGE)
-    real_labels = torch.zeros(BATCH, dtype=torch.long)
-    syn = torch.randn(SYN_PER_CLASS, CHANNELS, IMAGE, IMAGE, requires_grad=True)
-    syn_labels = torch.zeros(SYN_PER_CLASS, dtype=torch.long)
+    real = torch.rand(BATCH, CHANNELS, IMAGE, IMAGE).to(device)
+    real_labels = torch.zeros(BATCH, dtype=torch.long, device=device)
+    syn = torch.randn(SYN_PER_CLASS, CHANNELS, IMAGE, IMAGE).to(device).requires_grad_(True)
+    syn_labels = torch.zeros(SYN_PER_CLASS, dtype=torch.long, device=device)
 
     def forward() -> object:
         return net(images)
@@ -238,7 +268,7 @@ def cases(width: int) -> dict[str, object]:
             raise AssertionError("no finite gradient reached the synthetic images")
         return loss
 
-    group = f"convnet_w{width}_b{BATCH}_cpu"
+    group = f"convnet_w{width}_b{BATCH}_{device.type}"
     out = {
         f"{group}/forward": forward,
         f"{group}/forward_nograd": forward_nograd,
@@ -249,8 +279,19 @@ def cases(width: int) -> dict[str, object]:
         generator = torch.Generator().manual_seed(0)
         for mode in ("class", "group"):
             # Built lazily: the split takes a moment and memory only when the id is selected.
-            out[f"dc_iteration_quick_w{width}/{mode}"] = (mode, generator)
+            out[f"dc_iteration_quick_w{width}/{mode}"] = (mode, generator, QUICK_ITERATION, device)
     return out
+
+
+def paper_cases(device: torch.device) -> dict[str, object]:
+    """The paper preset's DC iteration, class-wise and group-wise (as `dc_iteration` arguments)."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    width = PAPER_ITERATION["width"]
+    return {
+        f"dc_iteration_paper_w{width}/{mode}": (mode, generator, PAPER_ITERATION, device)
+        for mode in ("class", "group")
+    }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -261,9 +302,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default os.cpu_count())"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--paper-iteration",
+        action="store_true",
+        help="time only the paper preset's DC iteration (class and group; slow on a CPU)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be >= 1 and --warmup >= 0")
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, not {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     return args
 
 
@@ -272,15 +323,20 @@ def main(argv: list[str]) -> int:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     pattern = re.compile(args.filter) if args.filter else None
+    device = torch.device(args.device)
 
+    if args.paper_iteration:
+        selected = [paper_cases(device)]
+    else:
+        selected = [cases(width, device) for width in WIDTHS]
     results: dict[str, float] = {}
-    for width in WIDTHS:
-        for name, fn in cases(width).items():
+    for table in selected:
+        for name, fn in table.items():
             if pattern and not pattern.search(name):
                 continue
             if isinstance(fn, tuple):
                 fn = dc_iteration(*fn)
-            ms = median_ms(fn, args.runs, args.warmup)
+            ms = median_ms(fn, args.runs, args.warmup, device)
             results[name] = round(ms, 3)
             print(f"torch: {name}: {ms:.2f} ms (median of {args.runs})", file=sys.stderr)
 
@@ -293,6 +349,10 @@ def main(argv: list[str]) -> int:
         "runs": args.runs,
         "warmup": args.warmup,
         "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "results": results,
     }
     json.dump(report, sys.stdout)
