@@ -23,7 +23,10 @@
 # Settings (environment): CARRY, BIN (default: unpacked from $CARRY), MNIST, OUT, WORK, DEVICE
 # (cuda), ITERATIONS (2; the first includes start-up), PRESET (paper; `quick` lets the script
 # itself be tried on a CPU machine with DEVICE=cpu), TF32 (which settings to time: "off on";
-# TF32 has no effect on the CPU), DEADLINE, TORCH (1; 0 skips PyTorch), PYTHON (python3).
+# TF32 has no effect on the CPU), DEADLINE, TORCH (1; 0 skips PyTorch), PYTHON (python3),
+# COMPARE (1: also the short run and a class-wise paper run with DEBIASDD_CONV_PATH=candle, the
+# candle-conv path that CUDA builds took before the im2col kernels, and a class-wise paper run
+# with DEBIASDD_FUSED_NORM=off; 0 skips them).
 set -euo pipefail
 
 CARRY=${CARRY:-target/gpu-carry}
@@ -38,6 +41,7 @@ TF32=${TF32:-off on}
 DEADLINE=${DEADLINE:-480}
 TORCH=${TORCH:-1}
 PYTHON=${PYTHON:-python3}
+COMPARE=${COMPARE:-1}
 export MIMALLOC_PURGE_DELAY=-1
 mkdir -p "$OUT" "$WORK"
 exec > >(tee "$OUT/check.log") 2>&1
@@ -99,26 +103,42 @@ data="$WORK/seed-ratio0.1-seed0.safetensors"
 tf32_flag() { if [ "$1" = on ]; then echo --tf32; fi; }
 
 echo "== CPU vs $DEVICE: quick preset, group-wise, 2 iterations (TF32 on $DEVICE: $TF32)"
-runs="cpu:off"
-for t in $TF32; do runs="$runs $DEVICE:$t"; done
+# A run is device:tf32:variant; the variant sets DEBIASDD_CONV_PATH / DEBIASDD_FUSED_NORM.
+variant_env() {
+    case "$1" in
+        candle) echo DEBIASDD_CONV_PATH=candle ;;
+        unfused) echo DEBIASDD_FUSED_NORM=off ;;
+        *) echo DEBIASDD_VARIANT=default ;;
+    esac
+}
+runs="cpu:off:default"
+for t in $TF32; do runs="$runs $DEVICE:$t:default"; done
+if [ "$COMPARE" = 1 ]; then runs="$runs $DEVICE:off:candle"; fi
 for run in $runs; do
-    dev=${run%:*} t=${run##*:} name="short-${dev//:/}-tf32$t"
+    IFS=: read -r dev t variant <<< "$run"
+    name="short-${dev}-tf32$t-$variant"
     rm -f "$WORK/$name".*
-    timed 120 distill $(tf32_flag "$t") --data "$data" --preset quick --mode group --iterations 2 \
-        --device "$dev" --out "$WORK/$name.safetensors" --history "$WORK/$name.jsonl"
+    (
+        export "$(variant_env "$variant")"
+        timed 120 distill $(tf32_flag "$t") --data "$data" --preset quick --mode group \
+            --iterations 2 --device "$dev" --out "$WORK/$name.safetensors" \
+            --history "$WORK/$name.jsonl"
+    )
     keep_history "$name"
-    echo "losses on $dev, TF32 $t: $(losses "$WORK/$name.jsonl")"
+    echo "losses on $dev, TF32 $t, $variant: $(losses "$WORK/$name.jsonl")"
 done
 
-# The timed runs in order, as name:weight (a group-wise iteration costs about three class-wise).
+# The timed runs in order, as tf32-mode-variant:weight (a group-wise iteration costs about three
+# class-wise ones); PyTorch after the first TF32 setting's pair.
 plan=""
 first=1
 for t in $TF32; do
-    plan="$plan $t-class:1 $t-group:3"
+    plan="$plan $t-class-default:1 $t-group-default:3"
     if [ "$first" = 1 ] && [ "$TORCH" = 1 ]; then plan="$plan torch:3"; fi
     first=0
 done
 if [ "$TORCH" = 1 ] && [ -z "$TF32" ]; then plan="$plan torch:3"; fi
+if [ "$COMPARE" = 1 ]; then plan="$plan off-class-unfused:2 off-class-candle:2"; fi
 weights_left=0
 for step in $plan; do weights_left=$((weights_left + ${step##*:})); done
 
@@ -135,14 +155,17 @@ for step in $plan; do
         if [ "$rc" -ne 0 ]; then echo "(PyTorch stopped or failed after at most $limit s, exit $rc)"; fi
         continue
     fi
-    t=${what%-*} mode=${what#*-}
-    name="$PRESET-$mode-tf32$t"
+    IFS=- read -r t mode variant <<< "$what"
+    name="$PRESET-$mode-tf32$t-$variant"
     rm -f "$WORK/$name".*
-    timed "$limit" distill $(tf32_flag "$t") --data "$data" --preset "$PRESET" --mode "$mode" \
-        --iterations "$ITERATIONS" --device "$DEVICE" --out "$WORK/$name.safetensors" \
-        --history "$WORK/$name.jsonl"
+    (
+        export "$(variant_env "$variant")"
+        timed "$limit" distill $(tf32_flag "$t") --data "$data" --preset "$PRESET" --mode "$mode" \
+            --iterations "$ITERATIONS" --device "$DEVICE" --out "$WORK/$name.safetensors" \
+            --history "$WORK/$name.jsonl"
+    )
     keep_history "$name"
-    echo "$mode, TF32 $t (up to $limit s): seconds $(seconds "$WORK/$name.jsonl" 2>/dev/null)"
+    echo "$mode, TF32 $t, $variant (up to $limit s): seconds $(seconds "$WORK/$name.jsonl" 2>/dev/null)"
     echo "    real / synthetic / inner: $(phases "$WORK/$name.jsonl" 2>/dev/null)"
 done
 echo "== done after ${SECONDS} s"

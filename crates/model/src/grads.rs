@@ -63,19 +63,28 @@ pub fn unsupported_reason(config: &ConvNetConfig) -> Option<String> {
 /// How the convolutions are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvPath {
-    /// `im2col` + matrix products (CPU only; the fastest there).
+    /// `im2col` + matrix products: the CPU, and CUDA in a build with the `cuda` feature (the
+    /// [`kernels`] ops have kernels for both). The fastest path on each.
     Im2col,
     /// candle's `conv2d` for the forward pass and for both gradients (any device).
     Candle,
 }
 
+/// Environment variable that overrides [`ConvPath::for_device`] on a GPU: `candle` or `im2col`.
+/// For comparing the two paths on one machine; unset, the fastest path is taken.
+pub const CONV_PATH_ENV: &str = "DEBIASDD_CONV_PATH";
+
 impl ConvPath {
-    /// The fastest path for `device`.
+    /// The fastest path for `device` (on a GPU, [`CONV_PATH_ENV`] can pick the other one).
     pub fn for_device(device: &Device) -> Self {
         if device.is_cpu() {
-            Self::Im2col
-        } else {
-            Self::Candle
+            return Self::Im2col;
+        }
+        match std::env::var(CONV_PATH_ENV).as_deref() {
+            Ok("candle") => Self::Candle,
+            Ok("im2col") => Self::Im2col,
+            _ if device.is_cuda() && kernels::HAS_CUDA_KERNELS => Self::Im2col,
+            _ => Self::Candle,
         }
     }
 }
@@ -296,7 +305,10 @@ fn softmax(logits: &Tensor) -> Result<Tensor> {
 
 /// Mean cross-entropy of each segment, as (S).
 pub fn segment_losses(fwd: &Forward, labels: &Tensor, segments: &Segments) -> Result<Tensor> {
-    let logits = &fwd.logits;
+    losses_of_logits(&fwd.logits, labels, segments)
+}
+
+fn losses_of_logits(logits: &Tensor, labels: &Tensor, segments: &Segments) -> Result<Tensor> {
     let max = logits.max_keepdim(1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
     let picked = logits.gather(&labels.unsqueeze(1)?, 1)?;
@@ -304,6 +316,17 @@ pub fn segment_losses(fwd: &Forward, labels: &Tensor, segments: &Segments) -> Re
     let m = segments.indicator(logits.dtype(), logits.device())?;
     let inv = segments.inverse_lens(logits.dtype(), logits.device())?;
     m.matmul(&(per_sample * inv)?)?.squeeze(1)
+}
+
+/// d (mean cross-entropy of its segment) / d logits, for every sample: (N, classes).
+fn logits_gradient(logits: &Tensor, labels: &Tensor, segments: &Segments) -> Result<Tensor> {
+    let (dtype, device) = (logits.dtype(), logits.device());
+    let n_classes = logits.dim(1)?;
+    let one_hot = labels
+        .unsqueeze(1)?
+        .broadcast_eq(&Tensor::arange(0u32, n_classes as u32, device)?.unsqueeze(0)?)?
+        .to_dtype(dtype)?;
+    (softmax(logits)? - one_hot)?.broadcast_mul(&segments.inverse_lens(dtype, device)?)
 }
 
 /// `lhs_s^T rhs_s` for every segment s of the rows of `lhs` (R, A) and `rhs` (R, B), where each
@@ -351,17 +374,9 @@ pub fn segment_gradients(
     if segments.total() != n {
         candle_core::bail!("segments cover {} samples, batch has {n}", segments.total())
     }
-    let (dtype, device) = (fwd.logits.dtype(), fwd.logits.device());
-    let n_classes = fwd.logits.dim(1)?;
-    let indicator = segments.indicator(dtype, device)?;
+    let indicator = segments.indicator(fwd.logits.dtype(), fwd.logits.device())?;
     let segment_sum = |per_sample: &Tensor| indicator.matmul(per_sample);
-
-    let one_hot = labels
-        .unsqueeze(1)?
-        .broadcast_eq(&Tensor::arange(0u32, n_classes as u32, device)?.unsqueeze(0)?)?
-        .to_dtype(dtype)?;
-    let dlogits =
-        (softmax(&fwd.logits)? - one_hot)?.broadcast_mul(&segments.inverse_lens(dtype, device)?)?;
+    let dlogits = logits_gradient(&fwd.logits, labels, segments)?;
 
     let stride = per_block(config);
     let k = params.len();
@@ -462,6 +477,13 @@ pub fn untracked_segment_gradients(
     if path == ConvPath::Im2col && crate::native::supports(xs, params) {
         return crate::native::segment_gradients(config, params, xs, labels, segments);
     }
+    if fused_applies(config, xs, path) {
+        let (xs, params) = (
+            xs.detach(),
+            params.iter().map(Tensor::detach).collect::<Vec<_>>(),
+        );
+        return fused_segment_gradients(config, &params, &xs, labels, segments);
+    }
     let (xs, params) = (
         xs.detach(),
         params.iter().map(Tensor::detach).collect::<Vec<_>>(),
@@ -495,4 +517,139 @@ pub fn batch_gradients(
         .map(|g| g.squeeze(0))
         .collect::<Result<Vec<_>>>()?;
     Ok((grads, out.losses[0]))
+}
+
+/// Environment variable that turns the fused CUDA norm kernels off (`off`), for comparing.
+pub const FUSED_NORM_ENV: &str = "DEBIASDD_FUSED_NORM";
+
+/// Whether [`untracked_segment_gradients`] runs [`fused_segment_gradients`]: CUDA with the im2col
+/// path (a `cuda` build), instance norm, ReLU or leaky ReLU, average or no pooling, f32 or f64.
+fn fused_applies(config: &ConvNetConfig, xs: &Tensor, path: ConvPath) -> bool {
+    path == ConvPath::Im2col
+        && kernels::HAS_CUDA_KERNELS
+        && xs.device().is_cuda()
+        && matches!(xs.dtype(), DType::F32 | DType::F64)
+        && config.norm == Norm::Instance
+        && matches!(config.activation, Activation::Relu | Activation::LeakyRelu)
+        && matches!(config.pooling, Pooling::Avg | Pooling::None)
+        && std::env::var(FUSED_NORM_ENV).as_deref() != Ok("off")
+}
+
+/// What the fused backward pass keeps of one block.
+struct FusedBlock {
+    input_dims: (usize, usize, usize, usize),
+    cols: Tensor,
+    packed: Tensor,
+    prm: Tensor,
+    norm: kernels::NormAct,
+    pad: usize,
+}
+
+/// [`untracked_segment_gradients`] on CUDA: the im2col path's convolutions (im2col, matrix
+/// products, col2im) around one fused kernel per block for instance norm + affine + activation
+/// (+ pooling) forward and one backward ([`kernels::norm_act_forward`]), in place of the dozen
+/// element-wise candle ops each of those takes. Same results as [`segment_gradients`] up to
+/// float rounding; the GPU check (`xtask/gpu/check.sh`) compares them.
+pub fn fused_segment_gradients(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    labels: &Tensor,
+    segments: &Segments,
+) -> Result<crate::native::SegmentGradients> {
+    let n = xs.dim(0)?;
+    if segments.total() != n || params.len() != n_params(config) || config.norm != Norm::Instance {
+        candle_core::bail!(
+            "fused gradients: {n} samples, {} parameter tensors",
+            params.len()
+        )
+    }
+    let stride = per_block(config);
+    let slope = match config.activation {
+        Activation::LeakyRelu => LEAKY_RELU_SLOPE,
+        _ => 0.0,
+    };
+    let mut blocks = Vec::with_capacity(config.depth);
+    let mut a = xs.clone();
+    for d in 0..config.depth {
+        let p = &params[d * stride..(d + 1) * stride];
+        let pad = if d == 0 { config.first_padding() } else { 1 };
+        let (n, c, h, w) = a.dims4()?;
+        let o = p[0].dim(0)?;
+        let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
+        let cols = kernels::im2col(&a, 3, pad)?;
+        let z = cols
+            .matmul(&p[0].reshape((o, c * 9))?.t()?)?
+            .reshape((n, ho * wo, o))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let prm = Tensor::stack(&[&p[1], &p[2], &p[3]], 0)?;
+        let norm = kernels::NormAct {
+            channels: o,
+            h: ho,
+            w: wo,
+            pool: config.pooling == Pooling::Avg,
+            slope,
+            eps: NORM_EPS,
+        };
+        let (packed, act) = kernels::norm_act_forward(&z, &prm, norm)?;
+        blocks.push(FusedBlock {
+            input_dims: (n, c, h, w),
+            cols,
+            packed,
+            prm,
+            norm,
+            pad,
+        });
+        a = act;
+    }
+    let features = a.flatten_from(1)?;
+    let k = params.len();
+    let logits = features
+        .matmul(&params[k - 2].t()?)?
+        .broadcast_add(&params[k - 1])?;
+    let losses = losses_of_logits(&logits, labels, segments)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+
+    let indicator = segments.indicator(logits.dtype(), logits.device())?;
+    let segment_sum = |per_sample: &Tensor| indicator.matmul(per_sample);
+    let dlogits = logits_gradient(&logits, labels, segments)?;
+    let mut grads: Vec<Option<Tensor>> = vec![None; k];
+    grads[k - 2] = Some(segment_outer(&dlogits, &features, segments, 1)?);
+    grads[k - 1] = Some(segment_sum(&dlogits)?);
+    let mut da = dlogits.matmul(&params[k - 2])?;
+    for (d, block) in blocks.iter().enumerate().rev() {
+        let p = &params[d * stride..(d + 1) * stride];
+        let (n, c, h, w) = block.input_dims;
+        let o = block.norm.channels;
+        let hw = block.norm.h * block.norm.w;
+        let (dz, sums) = kernels::norm_act_backward(&da, &block.packed, &block.prm, block.norm)?;
+        grads[d * stride + 2] = Some(segment_sum(&sums.i(0)?)?);
+        grads[d * stride + 3] = Some(segment_sum(&sums.i(1)?)?);
+        grads[d * stride + 1] = Some(segment_sum(&sums.i(2)?)?);
+        let dz_rows = dz.transpose(1, 2)?.contiguous()?.reshape((n * hw, o))?;
+        grads[d * stride] = Some(
+            segment_outer(&dz_rows, &block.cols, segments, hw)?.reshape((
+                segments.count(),
+                o,
+                c,
+                3,
+                3,
+            ))?,
+        );
+        if d > 0 {
+            let dcols = dz_rows.matmul(&p[0].reshape((o, c * 9))?)?;
+            da = kernels::col2im(&dcols, (n, c, h, w), 3, block.pad)?;
+        }
+    }
+    let grads = grads
+        .into_iter()
+        .map(|g| g.ok_or_else(|| candle_core::Error::Msg("gradient not computed".into())))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(crate::native::SegmentGradients {
+        grads,
+        logits,
+        losses,
+    })
 }

@@ -12,11 +12,20 @@
 //! `(c, ky, kx)` order — the order of a PyTorch weight `(O, C, k, k)` reshaped to `(O, C*k*k)`.
 //! Zero padding `pad` on every side; `Ho = H + 2 pad - k + 1`.
 //!
-//! On devices other than the CPU the same ops fall back to candle's own convolution (see
-//! [`conv2d`]).
+//! With the `cuda` feature the two ops also run on CUDA tensors (gather kernels in
+//! `kernels/cuda.cu`, see [`HAS_CUDA_KERNELS`]); [`conv2d`] itself uses candle's own convolution
+//! on every device but the CPU.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// Whether `im2col` and `col2im` run on CUDA tensors in this build (the `cuda` feature).
+pub const HAS_CUDA_KERNELS: bool = cfg!(feature = "cuda");
 
 /// Geometry of a stride-1 square-kernel convolution on one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +164,26 @@ impl CustomOp1 for Im2Col {
         Ok((out, g.cols_shape()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = self.0;
+        if layout.shape() != &g.image_shape() {
+            candle_core::bail!(
+                "im2col: got {:?}, expected {:?}",
+                layout.shape(),
+                g.image_shape()
+            );
+        }
+        Ok((
+            cuda::run(storage, layout, g, cuda::Kind::Im2col)?,
+            g.cols_shape(),
+        ))
+    }
+
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
     }
@@ -186,9 +215,195 @@ impl CustomOp1 for Col2Im {
         Ok((out, g.image_shape()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = self.0;
+        if layout.shape() != &g.cols_shape() {
+            candle_core::bail!(
+                "col2im: got {:?}, expected {:?}",
+                layout.shape(),
+                g.cols_shape()
+            );
+        }
+        Ok((
+            cuda::run(storage, layout, g, cuda::Kind::Col2im)?,
+            g.image_shape(),
+        ))
+    }
+
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
     }
+}
+
+/// One ConvNet block's instance norm + affine + ReLU / leaky ReLU (+ 2x2 average pooling), fused
+/// into one CUDA kernel forward and one backward, for tensors that no gradient flows back into
+/// (the real-image gradients and the inner-loop training). CUDA builds only: see
+/// [`norm_act_forward`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormAct {
+    /// Channels O of the block.
+    pub channels: usize,
+    /// Feature-map height and width before pooling.
+    pub h: usize,
+    pub w: usize,
+    /// 2x2 average pooling after the activation (H and W even).
+    pub pool: bool,
+    /// Slope of the activation below zero (0 for ReLU).
+    pub slope: f64,
+    /// The norm's epsilon.
+    pub eps: f64,
+}
+
+impl NormAct {
+    fn rows(&self, z: &Tensor) -> Result<usize> {
+        let (n, o, hw) = z.dims3()?;
+        if o != self.channels
+            || hw != self.h * self.w
+            || (self.pool && (self.h % 2 + self.w % 2) != 0)
+        {
+            candle_core::bail!("fused norm: got {:?} for {self:?}", z.shape())
+        }
+        Ok(n * o)
+    }
+
+    fn out_hw(&self) -> usize {
+        if self.pool {
+            self.h * self.w / 4
+        } else {
+            self.h * self.w
+        }
+    }
+}
+
+/// The forward kernel as a candle op (the `usize` is N * O); its output is the packed buffer.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct NormActFwd(NormAct, usize);
+
+/// The backward kernel as a candle op (the `usize` is N * O).
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct NormActBwd(NormAct, usize);
+
+impl CustomOp2 for NormActFwd {
+    fn name(&self) -> &'static str {
+        "debiasdd-norm-act-fwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused norm kernels run on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        z: &candle_core::CudaStorage,
+        zl: &Layout,
+        prm: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, rows) = (self.0, self.1);
+        let len = rows * (n.h * n.w + 1 + n.out_hw());
+        Ok((
+            cuda::norm_act_fwd((z, zl), (prm, pl), n, rows, len)?,
+            Shape::from(len),
+        ))
+    }
+}
+
+impl CustomOp3 for NormActBwd {
+    fn name(&self) -> &'static str {
+        "debiasdd-norm-act-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused norm kernels run on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        da: &candle_core::CudaStorage,
+        dal: &Layout,
+        fwd: &candle_core::CudaStorage,
+        fl: &Layout,
+        prm: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, rows) = (self.0, self.1);
+        let len = rows * (n.h * n.w + 3);
+        Ok((
+            cuda::norm_act_bwd((da, dal), (fwd, fl), (prm, pl), n, rows, len)?,
+            Shape::from(len),
+        ))
+    }
+}
+
+/// The fused forward of `z` (N, O, H*W), the conv output without its bias, with `prm` (3, O) =
+/// conv bias, norm weight, norm bias. Returns `(packed, activation)`: `packed` is what
+/// [`norm_act_backward`] needs (xhat and 1/std), `activation` is (N, O, H', W') (pooled or not).
+pub fn norm_act_forward(z: &Tensor, prm: &Tensor, n: NormAct) -> Result<(Tensor, Tensor)> {
+    let rows = n.rows(z)?;
+    let batch = rows / n.channels;
+    let packed = z
+        .contiguous()?
+        .apply_op2_no_bwd(&prm.contiguous()?, &NormActFwd(n, rows))?;
+    let skip = rows * (n.h * n.w + 1);
+    let (h, w) = if n.pool {
+        (n.h / 2, n.w / 2)
+    } else {
+        (n.h, n.w)
+    };
+    let act = packed
+        .narrow(0, skip, rows * n.out_hw())?
+        .reshape((batch, n.channels, h, w))?;
+    Ok((packed, act))
+}
+
+/// The fused backward: from `da`, the gradient of [`norm_act_forward`]'s activation, returns `dz`
+/// (N, O, H*W), the gradient of its `z` (and of the conv bias per pixel), and the per-sample
+/// gradients of the three parameters, (3, N, O): norm weight, norm bias, conv bias.
+pub fn norm_act_backward(
+    da: &Tensor,
+    packed: &Tensor,
+    prm: &Tensor,
+    n: NormAct,
+) -> Result<(Tensor, Tensor)> {
+    let batch = da.dim(0)?;
+    let rows = batch * n.channels;
+    if da.elem_count() != rows * n.out_hw() {
+        candle_core::bail!("fused norm backward: got {:?} for {n:?}", da.shape())
+    }
+    let out =
+        da.contiguous()?
+            .apply_op3_no_bwd(packed, &prm.contiguous()?, &NormActBwd(n, rows))?;
+    let hw = n.h * n.w;
+    let dz = out
+        .narrow(0, 0, rows * hw)?
+        .reshape((batch, n.channels, hw))?;
+    let sums = out
+        .narrow(0, rows * hw, 3 * rows)?
+        .reshape((3, batch, n.channels))?;
+    Ok((dz, sums))
 }
 
 fn geometry(xs: &Tensor, k: usize, pad: usize) -> Result<Geometry> {
