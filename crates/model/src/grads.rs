@@ -236,18 +236,13 @@ pub fn forward(
     for d in 0..config.depth {
         let p = &params[d * stride..(d + 1) * stride];
         let pad = if d == 0 { config.first_padding() } else { 1 };
-        let (n, c, h, w) = a.dims4()?;
+        let (n, _, h, w) = a.dims4()?;
         let o = p[0].dim(0)?;
         let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
         let hw = ho * wo;
         let (z, cols) = match path {
             ConvPath::Im2col => {
-                let cols = kernels::im2col(&a, 3, pad)?;
-                let z = cols
-                    .matmul(&p[0].reshape((o, c * 9))?.t()?)?
-                    .reshape((n, hw, o))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
+                let (z, cols) = im2col_conv(&a, &p[0], pad)?;
                 (z, Some(cols))
             }
             ConvPath::Candle => (a.conv2d(&p[0], pad, 1, 1, 1)?.reshape((n, o, hw))?, None),
@@ -294,6 +289,21 @@ pub fn forward(
         features,
         logits,
     })
+}
+
+/// A 3x3 stride-1 convolution without bias as `im2col(a) @ W^T`: the output as (N, O, Ho*Wo) and
+/// the column matrix (N*Ho*Wo, C*9) that the weight gradient needs.
+fn im2col_conv(a: &Tensor, weight: &Tensor, pad: usize) -> Result<(Tensor, Tensor)> {
+    let (n, c, h, w) = a.dims4()?;
+    let o = weight.dim(0)?;
+    let hw = (h + 2 * pad - 2) * (w + 2 * pad - 2);
+    let cols = kernels::im2col(a, 3, pad)?;
+    let z = cols
+        .matmul(&weight.reshape((o, c * 9))?.t()?)?
+        .reshape((n, hw, o))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok((z, cols))
 }
 
 /// Row-wise softmax of (N, K) logits.
@@ -577,12 +587,7 @@ pub fn fused_segment_gradients(
         let (n, c, h, w) = a.dims4()?;
         let o = p[0].dim(0)?;
         let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
-        let cols = kernels::im2col(&a, 3, pad)?;
-        let z = cols
-            .matmul(&p[0].reshape((o, c * 9))?.t()?)?
-            .reshape((n, ho * wo, o))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (z, cols) = im2col_conv(&a, &p[0], pad)?;
         let prm = Tensor::stack(&[&p[1], &p[2], &p[3]], 0)?;
         let norm = kernels::NormAct {
             channels: o,

@@ -1,5 +1,5 @@
-//! The CUDA halves of [`super::Im2Col`] and [`super::Col2Im`]: launches of the gather kernels in
-//! `cuda.cu` (compiled to PTX by the crate's build script).
+//! The CUDA halves of [`super::Im2Col`], [`super::Col2Im`] and the fused instance-norm block
+//! ops: launches of the kernels in `cuda.cu` (compiled to PTX by the crate's build script).
 //!
 //! Allocating uninitialised device memory and launching a kernel are `unsafe` in cudarc; the
 //! kernels write every element they return, and their arguments are checked here first.
@@ -8,7 +8,7 @@
 use super::Geometry;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, Layout, Result};
@@ -118,15 +118,11 @@ fn slice_of<'a, T: DeviceRepr>(
     s: &'a CudaSlice<T>,
     l: &Layout,
     what: &str,
-) -> Result<cudarc_view::View<'a, T>> {
+) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(s.slice(start..end)),
         None => candle_core::bail!("fused norm: {what} must be contiguous"),
     }
-}
-
-mod cudarc_view {
-    pub type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 }
 
 /// The forward kernel: z (rows, H*W), prm (3, O) -> packed xhat | inv_std | activation.
@@ -194,20 +190,16 @@ pub(super) fn norm_act_bwd(
     rows: usize,
     out_len: usize,
 ) -> Result<CudaStorage> {
-    #[allow(clippy::too_many_arguments)]
     fn go<T: DeviceRepr + candle_core::WithDType>(
-        da: (&CudaSlice<T>, &Layout),
-        fwd: (&CudaSlice<T>, &Layout),
-        prm: (&CudaSlice<T>, &Layout),
-        n: super::NormAct,
-        rows: usize,
-        out_len: usize,
+        [da, fwd, p]: [&CudaSlice<T>; 3],
+        [dal, fl, pl]: [&Layout; 3],
+        (n, rows, out_len): (super::NormAct, usize, usize),
         suffix: &str,
         dev: &CudaDevice,
     ) -> Result<CudaSlice<T>> {
-        let da = slice_of(da.0, da.1, "the activation gradient")?;
-        let fwd = slice_of(fwd.0, fwd.1, "the forward output")?;
-        let p = slice_of(prm.0, prm.1, "parameters")?;
+        let da = slice_of(da, dal, "the activation gradient")?;
+        let fwd = slice_of(fwd, fl, "the forward output")?;
+        let p = slice_of(p, pl, "parameters")?;
         u32_of(out_len, "fused norm elements")?;
         let func = dev.get_or_load_custom_func(&format!("norm_act_bwd_{suffix}"), MODULE, PTX)?;
         // SAFETY: the kernel writes every element of the packed output.
@@ -227,32 +219,12 @@ pub(super) fn norm_act_bwd(
         unsafe { builder.launch(norm_launch_config(rows, std::mem::size_of::<T>())) }.w()?;
         Ok(dst)
     }
+    use CudaStorageSlice::{F32, F64};
     let dev = da.0.device();
+    let (layouts, job) = ([da.1, fwd.1, prm.1], (n, rows, out_len));
     let slice = match (&da.0.slice, &fwd.0.slice, &prm.0.slice) {
-        (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b), CudaStorageSlice::F32(c)) => {
-            CudaStorageSlice::F32(go(
-                (a, da.1),
-                (b, fwd.1),
-                (c, prm.1),
-                n,
-                rows,
-                out_len,
-                "f32",
-                dev,
-            )?)
-        }
-        (CudaStorageSlice::F64(a), CudaStorageSlice::F64(b), CudaStorageSlice::F64(c)) => {
-            CudaStorageSlice::F64(go(
-                (a, da.1),
-                (b, fwd.1),
-                (c, prm.1),
-                n,
-                rows,
-                out_len,
-                "f64",
-                dev,
-            )?)
-        }
+        (F32(a), F32(b), F32(c)) => F32(go([a, b, c], layouts, job, "f32", dev)?),
+        (F64(a), F64(b), F64(c)) => F64(go([a, b, c], layouts, job, "f64", dev)?),
         _ => candle_core::bail!("fused norm: f32 or f64 inputs of one dtype expected"),
     };
     Ok(CudaStorage {
