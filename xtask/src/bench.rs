@@ -926,6 +926,27 @@ mod tests {
     }
 
     #[test]
+    fn torch_report_takes_the_device_fields() {
+        // A line as the script printed it on a GPU (--paper-iteration --device cuda), and the
+        // same fields on the CPU, where "gpu" is null.
+        let gpu = "{\"torch_version\": \"2.11.0+cu130\", \"threads\": 16, \"interop_threads\": 16, \
+            \"cpu_count\": 16, \"python\": \"3.12.3\", \"runs\": 1, \"warmup\": 1, \"env\": {}, \
+            \"device\": \"cuda\", \"gpu\": \"NVIDIA H100 80GB HBM3\", \"cudnn_allow_tf32\": true, \
+            \"matmul_allow_tf32\": false, \"results\": {\"dc_iteration_paper_w128/class\": 2506.48, \
+            \"dc_iteration_paper_w128/group\": 12421.59}}\n";
+        let report = parse_torch_report(gpu).unwrap();
+        assert_eq!(
+            report.results,
+            [
+                ("dc_iteration_paper_w128/class".to_string(), 2506.48),
+                ("dc_iteration_paper_w128/group".to_string(), 12421.59)
+            ]
+        );
+        let cpu = gpu.replace("\"NVIDIA H100 80GB HBM3\"", "null");
+        assert_eq!(parse_torch_report(&cpu).unwrap().results.len(), 2);
+    }
+
+    #[test]
     fn rows_join_by_id_and_torch_only_ids_follow_their_group() {
         let candle = [
             ("cmnist/load".to_owned(), 3.0),
