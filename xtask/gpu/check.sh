@@ -18,7 +18,8 @@
 #
 # Every timed run gets a share of what is left before DEADLINE seconds (default 480) and is
 # stopped with Ctrl-C (SIGINT) when it outlasts it; the iterations it finished stay in its
-# history, so a slow card still reports something for every run.
+# history, so a slow card still reports something for every run. On an H100 the whole check took
+# 132 s with COMPARE=1 and 105 s with COMPARE=0 (plus about 90 s for the machine's start).
 #
 # Settings (environment): CARRY, BIN (default: unpacked from $CARRY), MNIST, OUT, WORK, DEVICE
 # (cuda), ITERATIONS (2; the first includes start-up), PRESET (paper; `quick` lets the script
