@@ -22,6 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
+use serde::Deserialize;
 
 /// (package, bench target) pairs, cheapest first.
 const BENCHES: &[(&str, &str)] = &[
@@ -235,12 +236,8 @@ fn find_estimates(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 fn benchmark_id(new_dir: &Path, criterion_dir: &Path) -> String {
     let from_json = fs::read_to_string(new_dir.join("benchmark.json"))
         .ok()
-        .and_then(|text| Json::parse(&text).ok())
-        .and_then(|json| {
-            json.get("full_id")
-                .and_then(Json::as_str)
-                .map(str::to_owned)
-        });
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|json| json.get("full_id")?.as_str().map(str::to_owned));
     from_json.unwrap_or_else(|| {
         let bench_dir = new_dir.parent().unwrap_or(new_dir);
         let relative = bench_dir.strip_prefix(criterion_dir).unwrap_or(bench_dir);
@@ -250,11 +247,11 @@ fn benchmark_id(new_dir: &Path, criterion_dir: &Path) -> String {
 
 /// `mean.point_estimate` (ns) of a criterion `estimates.json`, in milliseconds.
 fn parse_estimates_ms(text: &str) -> Result<f64> {
-    let json = Json::parse(text)?;
+    let json: serde_json::Value = serde_json::from_str(text)?;
     let ns = json
         .get("mean")
         .and_then(|mean| mean.get("point_estimate"))
-        .and_then(Json::as_f64)
+        .and_then(serde_json::Value::as_f64)
         .context("no mean.point_estimate")?;
     Ok(ns / 1e6)
 }
@@ -376,42 +373,76 @@ fn run_torch_script(python: &Path, args: &BenchArgs, root: &Path) -> Result<Torc
     parse_torch_report(&String::from_utf8_lossy(&output.stdout))
 }
 
+/// The script's JSON report; fields it adds later are ignored.
+#[derive(Debug, Deserialize)]
+struct TorchJson {
+    torch_version: Option<String>,
+    threads: Option<u64>,
+    interop_threads: Option<u64>,
+    cpu_count: Option<u64>,
+    runs: Option<u64>,
+    warmup: Option<u64>,
+    #[serde(default)]
+    env: InOrder<String>,
+    results: InOrder<f64>,
+}
+
+/// A JSON object's members in document order (serde_json's own map sorts its keys).
+#[derive(Debug, Default)]
+struct InOrder<V>(Vec<(String, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for InOrder<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Members<V> {
+            type Value = InOrder<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(InOrder(members))
+            }
+        }
+        deserializer.deserialize_map(Members(std::marker::PhantomData))
+    }
+}
+
 /// Parses the script's JSON (its last non-empty stdout line).
 fn parse_torch_report(stdout: &str) -> Result<TorchReport> {
-    let json = Json::parse(last_line(stdout)).context("the PyTorch script printed no JSON")?;
-    let Some(Json::Obj(entries)) = json.get("results") else {
-        bail!("no \"results\" object in the PyTorch output");
-    };
-    let results = entries
-        .iter()
-        .map(|(id, ms)| {
-            let ms = ms.as_f64().with_context(|| format!("{id}: not a number"))?;
-            Ok((id.clone(), ms))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let field = |key: &str| {
-        json.get(key)
-            .map_or_else(|| "?".into(), Json::to_plain_string)
-    };
-    let env = match json.get("env") {
-        Some(Json::Obj(vars)) if !vars.is_empty() => vars
+    let json: TorchJson = serde_json::from_str(last_line(stdout))
+        .context("the PyTorch script printed no JSON report with \"results\"")?;
+    let or_unknown = |v: Option<u64>| v.map_or_else(|| "?".into(), |v| v.to_string());
+    let env = if json.env.0.is_empty() {
+        "none".into()
+    } else {
+        json.env
+            .0
             .iter()
-            .map(|(k, v)| format!("{k}={}", v.to_plain_string()))
+            .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
-            .join(" "),
-        _ => "none".into(),
+            .join(" ")
     };
     let note = format!(
         "PyTorch {}: {} threads ({} inter-op, {} CPUs), median of {} after {} warm-up, thread \
          variables: {env}",
-        field("torch_version"),
-        field("threads"),
-        field("interop_threads"),
-        field("cpu_count"),
-        field("runs"),
-        field("warmup"),
+        json.torch_version.as_deref().unwrap_or("?"),
+        or_unknown(json.threads),
+        or_unknown(json.interop_threads),
+        or_unknown(json.cpu_count),
+        or_unknown(json.runs),
+        or_unknown(json.warmup),
     );
-    Ok(TorchReport { results, note })
+    Ok(TorchReport {
+        results: json.results.0,
+        note,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,232 +670,6 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-// ---------------------------------------------------------------------------------------------
-// A small JSON reader (criterion's estimates and the script's report), to keep xtask's
-// dependencies as they are.
-
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    /// Members in document order.
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn parse(text: &str) -> Result<Json> {
-        let mut parser = JsonParser {
-            bytes: text.as_bytes(),
-            pos: 0,
-        };
-        let value = parser.value()?;
-        parser.skip_ws();
-        if parser.pos != parser.bytes.len() {
-            bail!("trailing characters at byte {}", parser.pos);
-        }
-        Ok(value)
-    }
-
-    fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    fn as_f64(&self) -> Option<f64> {
-        match self {
-            Json::Num(x) => Some(*x),
-            _ => None,
-        }
-    }
-
-    fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// Strings without quotes, numbers as Rust prints them, anything else as `?`.
-    fn to_plain_string(&self) -> String {
-        match self {
-            Json::Str(s) => s.clone(),
-            Json::Num(x) => x.to_string(),
-            Json::Bool(b) => b.to_string(),
-            _ => "?".into(),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct JsonParser<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl JsonParser<'_> {
-    fn skip_ws(&mut self) {
-        while self
-            .bytes
-            .get(self.pos)
-            .is_some_and(|b| b.is_ascii_whitespace())
-        {
-            self.pos += 1;
-        }
-    }
-
-    fn peek(&mut self) -> Result<u8> {
-        self.skip_ws();
-        self.bytes
-            .get(self.pos)
-            .copied()
-            .context("unexpected end of JSON")
-    }
-
-    fn expect(&mut self, byte: u8) -> Result<()> {
-        if self.peek()? != byte {
-            bail!("expected '{}' at byte {}", byte as char, self.pos);
-        }
-        self.pos += 1;
-        Ok(())
-    }
-
-    fn literal(&mut self, word: &str, value: Json) -> Result<Json> {
-        if !self.bytes[self.pos..].starts_with(word.as_bytes()) {
-            bail!("bad literal at byte {}", self.pos);
-        }
-        self.pos += word.len();
-        Ok(value)
-    }
-
-    fn value(&mut self) -> Result<Json> {
-        match self.peek()? {
-            b'{' => self.object(),
-            b'[' => self.array(),
-            b'"' => self.string().map(Json::Str),
-            b't' => self.literal("true", Json::Bool(true)),
-            b'f' => self.literal("false", Json::Bool(false)),
-            b'n' => self.literal("null", Json::Null),
-            _ => self.number(),
-        }
-    }
-
-    fn object(&mut self) -> Result<Json> {
-        self.expect(b'{')?;
-        let mut members = Vec::new();
-        if self.peek()? == b'}' {
-            self.pos += 1;
-            return Ok(Json::Obj(members));
-        }
-        loop {
-            let key = self.string()?;
-            self.expect(b':')?;
-            members.push((key, self.value()?));
-            match self.peek()? {
-                b',' => self.pos += 1,
-                b'}' => {
-                    self.pos += 1;
-                    return Ok(Json::Obj(members));
-                }
-                _ => bail!("expected ',' or '}}' at byte {}", self.pos),
-            }
-        }
-    }
-
-    fn array(&mut self) -> Result<Json> {
-        self.expect(b'[')?;
-        let mut items = Vec::new();
-        if self.peek()? == b']' {
-            self.pos += 1;
-            return Ok(Json::Arr(items));
-        }
-        loop {
-            items.push(self.value()?);
-            match self.peek()? {
-                b',' => self.pos += 1,
-                b']' => {
-                    self.pos += 1;
-                    return Ok(Json::Arr(items));
-                }
-                _ => bail!("expected ',' or ']' at byte {}", self.pos),
-            }
-        }
-    }
-
-    fn number(&mut self) -> Result<Json> {
-        let start = self.pos;
-        while self
-            .bytes
-            .get(self.pos)
-            .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'))
-        {
-            self.pos += 1;
-        }
-        let text = std::str::from_utf8(&self.bytes[start..self.pos])?;
-        let x: f64 = text
-            .parse()
-            .with_context(|| format!("bad number {text:?} at byte {start}"))?;
-        Ok(Json::Num(x))
-    }
-
-    fn string(&mut self) -> Result<String> {
-        self.expect(b'"')?;
-        let mut out = Vec::new();
-        loop {
-            let byte = *self.bytes.get(self.pos).context("unterminated string")?;
-            self.pos += 1;
-            match byte {
-                b'"' => return Ok(String::from_utf8(out)?),
-                b'\\' => {
-                    let escape = *self.bytes.get(self.pos).context("unterminated escape")?;
-                    self.pos += 1;
-                    let c = match escape {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => self.unicode_escape()?,
-                        other => bail!("bad escape '\\{}'", other as char),
-                    };
-                    out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
-                }
-                _ => out.push(byte),
-            }
-        }
-    }
-
-    /// The character of `\uXXXX` (the `\u` already read), joining surrogate pairs.
-    fn unicode_escape(&mut self) -> Result<char> {
-        let high = self.hex4()?;
-        let code = if (0xD800..0xDC00).contains(&high) && self.bytes[self.pos..].starts_with(b"\\u")
-        {
-            self.pos += 2;
-            let low = self.hex4()?;
-            0x10000 + ((high - 0xD800) << 10) + (low.wrapping_sub(0xDC00) & 0x3FF)
-        } else {
-            high
-        };
-        Ok(char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER))
-    }
-
-    fn hex4(&mut self) -> Result<u32> {
-        let digits = self
-            .bytes
-            .get(self.pos..self.pos + 4)
-            .context("short \\u escape")?;
-        self.pos += 4;
-        Ok(u32::from_str_radix(std::str::from_utf8(digits)?, 16)?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -878,29 +683,6 @@ mod tests {
         assert!((ms - 1584.8638142).abs() < 1e-6, "{ms}");
         assert!(parse_estimates_ms(r#"{"median":{"point_estimate":1}}"#).is_err());
         assert!(parse_estimates_ms("{\"mean\":").is_err());
-    }
-
-    #[test]
-    fn json_reader_handles_the_usual_forms() {
-        let json = Json::parse(
-            " {\"a\": [1, -2.5e3, true, false, null], \"s\": \"x\\\"y\\u00e9\\ud83d\\ude00\", \
-             \"o\": {}} ",
-        )
-        .unwrap();
-        assert_eq!(
-            json.get("a"),
-            Some(&Json::Arr(vec![
-                Json::Num(1.0),
-                Json::Num(-2500.0),
-                Json::Bool(true),
-                Json::Bool(false),
-                Json::Null
-            ]))
-        );
-        assert_eq!(json.get("s").and_then(Json::as_str), Some("x\"yé😀"));
-        assert_eq!(json.get("o"), Some(&Json::Obj(vec![])));
-        assert!(Json::parse("{} x").is_err());
-        assert!(Json::parse("[1,]").is_err());
     }
 
     #[test]
