@@ -20,9 +20,11 @@
 //!
 //! Supported: the ConvNet family with norm `instance` or `none`, activation `relu` or
 //! `leakyrelu`, pooling `avg` or `none`, and even feature-map sizes (28x28 input gives 32/16/8).
-//! Two implementations of the conv parts: im2col + matrix products on the CPU ([`ConvPath::Im2col`])
-//! and candle's `conv2d` on every device ([`ConvPath::Candle`]); tests check them against each
-//! other and against candle's autograd.
+//! Two implementations of the conv parts: im2col + matrix products on the CPU and, in a `cuda`
+//! build, on CUDA ([`ConvPath::Im2col`]), and candle's `conv2d` on every device
+//! ([`ConvPath::Candle`]); tests check them against each other and against candle's autograd.
+//! On CUDA the untracked passes also fuse each block's norm, activation and pooling
+//! ([`fused_segment_gradients`]).
 
 use crate::config::LEAKY_RELU_SLOPE;
 use crate::layers::NORM_EPS;
@@ -475,7 +477,8 @@ pub fn segment_gradients(
 /// [`segment_gradients`] for inputs that no gradient flows back into (the real images, the
 /// inner-loop and evaluation training), with the logits and every segment's mean
 /// cross-entropy. On the im2col path with untracked CPU tensors it runs the native kernels of
-/// [`crate::native`]; elsewhere the candle ops of this module.
+/// [`crate::native`]; on CUDA [`fused_segment_gradients`]; elsewhere the candle ops of this
+/// module.
 pub fn untracked_segment_gradients(
     config: &ConvNetConfig,
     params: &[Tensor],
@@ -487,17 +490,13 @@ pub fn untracked_segment_gradients(
     if path == ConvPath::Im2col && crate::native::supports(xs, params) {
         return crate::native::segment_gradients(config, params, xs, labels, segments);
     }
-    if fused_applies(config, xs, path) {
-        let (xs, params) = (
-            xs.detach(),
-            params.iter().map(Tensor::detach).collect::<Vec<_>>(),
-        );
-        return fused_segment_gradients(config, &params, &xs, labels, segments);
-    }
     let (xs, params) = (
         xs.detach(),
         params.iter().map(Tensor::detach).collect::<Vec<_>>(),
     );
+    if fused_applies(config, &xs, path) {
+        return fused_segment_gradients(config, &params, &xs, labels, segments);
+    }
     let fwd = forward(config, &params, &xs, path)?;
     let losses = segment_losses(&fwd, labels, segments)?
         .to_dtype(DType::F64)?
