@@ -98,7 +98,8 @@ impl CustomOp1 for NativeMatchingLoss {
 
     fn bwd(&self, syn: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let syn = syn.detach();
-        let kept = self.cached().clone();
+        // Taken, not copied: the op's one backward pass is their last use.
+        let kept = self.cached().take();
         let grads = match kept {
             Some(grads) => grads,
             None => self.syn_gradients(&syn)?,
