@@ -91,15 +91,37 @@ pub fn save(data: &ColoredMnist, path: &Path) -> Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    let bytes = serialize_sorted(views, metadata).map_err(write_err)?;
+    write_atomically(path, &bytes).map_err(|e| write_err(e.to_string()))
+}
+
+/// Writes `bytes` to `path` through a sibling temporary file renamed into place, creating the
+/// folder: a crash never leaves half a file under the real name, and the file gets the usual
+/// mode under the umask (`std::fs::write`'s), not a temporary file's 0600.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| write_err(e.to_string()))?;
+        std::fs::create_dir_all(parent)?;
     }
-    let bytes =
-        safetensors::serialize(views, Some(metadata)).map_err(|e| write_err(e.to_string()))?;
-    let bytes = with_sorted_header(&bytes).map_err(write_err)?;
-    let tmp = path.with_extension("safetensors.partial");
-    std::fs::write(&tmp, &bytes).map_err(|e| write_err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| write_err(e.to_string()))
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `safetensors::serialize` with the header's keys sorted, so that equal content gives
+/// byte-identical files (safetensors keeps metadata in a `HashMap`).
+pub fn serialize_sorted<S, V, I>(
+    tensors: I,
+    metadata: HashMap<String, String>,
+) -> std::result::Result<Vec<u8>, String>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: safetensors::View,
+    I: IntoIterator<Item = (S, V)>,
+{
+    let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(|e| e.to_string())?;
+    with_sorted_header(&bytes)
 }
 
 /// safetensors keeps metadata in a `HashMap`, so its header order changes from run to run.

@@ -275,11 +275,8 @@ impl SyntheticSet {
         if let Some(config) = &self.config {
             metadata.insert("config".to_owned(), config.clone());
         }
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| write_err(e.to_string()))?;
-        }
-        safetensors::serialize_to_file(views, Some(metadata), path)
-            .map_err(|e| write_err(e.to_string()))
+        let bytes = debiasdd_cmnist::io::serialize_sorted(views, metadata).map_err(write_err)?;
+        debiasdd_cmnist::io::write_atomically(path, &bytes).map_err(|e| write_err(e.to_string()))
     }
 
     /// Reads a synthetic-set file, checking dtypes, shapes, label and group ranges.
