@@ -46,19 +46,40 @@ fn project_root() -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let done = ExitCode::SUCCESS;
     let result = match cli.task {
-        Task::Download(args) => download::run(args, &project_root()).map(drop),
-        Task::Cmnist(args) => cmnist::run(args, &project_root()),
-        Task::Bench(args) => bench::run(args, &project_root()),
-        Task::Reproduce(args) => reproduce::run(args, &project_root()),
+        Task::Download(args) => download::run(args, &project_root()).map(|_| done),
+        Task::Cmnist(args) => cmnist::run(args, &project_root()).map(|()| done),
+        Task::Bench(args) => bench::run(args, &project_root()).map(|()| done),
+        Task::Reproduce(args) => {
+            reproduce::run(args, &project_root()).map(|outcome| match outcome {
+                debiasdd_reproduce::Outcome::Complete => done,
+                // 128 + SIGINT: what shells and schedulers expect of a run stopped by Ctrl-C.
+                debiasdd_reproduce::Outcome::Interrupted => ExitCode::from(130),
+            })
+        }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each once: a cause that a message already quotes (a
+/// cell's error, an OS error in "cannot read F: ...") is not repeated after it.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 #[cfg(test)]

@@ -78,7 +78,8 @@ impl ReproduceArgs {
     }
 }
 
-pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<()> {
+/// Runs the grid; `Interrupted` when Ctrl-C stopped it (checkpoints and finished cells kept).
+pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
     let config = args.config();
     config.validate()?;
     let device = debiasdd_model::device::parse_device(&args.device)?;
@@ -158,7 +159,7 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<()> {
             out.join("results.md").display()
         ),
     }
-    Ok(())
+    Ok(outcome)
 }
 
 /// A log line above the bar, or on stdout when the bar is hidden (output is not a terminal).

@@ -1,9 +1,8 @@
-//! `debiasdd distill`: learns a synthetic set from a Colored MNIST train split by gradient
-//! matching (class-wise, group-wise or class-vs-groups), with checkpoints, resume, grids and a
-//! progress bar. The loop itself is `debiasdd_distill::Distiller`; this module wires options,
-//! files and Ctrl-C to it.
+//! `debiasdd distill`: learns a synthetic set from a Colored MNIST train split with a method (DC
+//! gradient matching) over strata (class-wise, group-wise or class-vs-groups), with checkpoints,
+//! resume, grids and a progress bar. The loop and its driver are `debiasdd_distill`'s; this
+//! module wires options, files and Ctrl-C to them.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
-use debiasdd_distill::{Distance, DistillConfig, Distiller, Init, MatchMode, Preset};
+use debiasdd_distill::{
+    Distance, DistillConfig, Distiller, Init, MatchMode, MethodKind, Preset, RunFiles, RunOutcome,
+    drive,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
@@ -20,11 +22,14 @@ pub struct DistillArgs {
     /// Colored MNIST file (its train split is distilled).
     #[arg(long)]
     data: PathBuf,
-    /// class (vanilla DC), group (debiased, one term per (class, colour)) or class-vs-groups
+    /// What is matched: dc (gradient matching).
+    #[arg(long, default_value = "dc")]
+    method: MethodKind,
+    /// class (vanilla), group (debiased, one term per (class, colour)) or class-vs-groups
     /// (FairDD).
     #[arg(long, default_value = "group")]
     mode: MatchMode,
-    /// quick: width 32, real batch 64 per class or 16 per group, loops 5/10, 20 iterations
+    /// quick: DC at width 32, real batch 64 per class or 16 per group, loops 5/10, 20 iterations
     /// (minutes on a 2-core CPU);
     /// paper: the protocol (width 128, real batch 256, loops from the ipc table, 1000 iterations).
     #[arg(long, default_value = "quick")]
@@ -54,7 +59,7 @@ pub struct DistillArgs {
     /// class).
     #[arg(long)]
     init: Option<Init>,
-    /// Iterations (fresh networks) [preset].
+    /// Iterations [preset].
     #[arg(long)]
     iterations: Option<usize>,
     /// ConvNet width [preset].
@@ -63,25 +68,26 @@ pub struct DistillArgs {
     /// ConvNet depth [3].
     #[arg(long)]
     depth: Option<usize>,
-    /// Real images per class or group, per outer step [preset].
+    /// Real images per class or group, per step [preset].
     #[arg(long)]
     batch_real: Option<usize>,
-    /// Synthetic updates per iteration [preset].
+    /// DC: synthetic updates per iteration [preset].
     #[arg(long)]
     outer_loop: Option<usize>,
-    /// Network epochs on the synthetic set between updates [preset].
+    /// DC: network epochs on the synthetic set between updates [preset].
     #[arg(long)]
     inner_loop: Option<usize>,
     /// Learning rate of the synthetic images [0.1].
     #[arg(long)]
     lr_img: Option<f64>,
-    /// Learning rate of the inner-loop network training [0.01].
+    /// DC: learning rate of the inner-loop network training [0.01].
     #[arg(long)]
     lr_net: Option<f64>,
-    /// Gradient distance: ours (DC's layer-wise cosine), mse or cos.
+    /// DC: gradient distance: ours (DC's layer-wise cosine), mse or cos.
     #[arg(long)]
     distance: Option<Distance>,
-    /// Append one JSON line per iteration (iteration, loss, seconds) to this file.
+    /// Write one JSON line per iteration (iteration, loss, seconds) to this file; on --resume
+    /// it keeps the lines up to the checkpoint's iteration.
     #[arg(long)]
     history: Option<PathBuf>,
     /// cpu, cuda[:N] or metal (the latter two need a build with --features cuda / metal).
@@ -93,22 +99,39 @@ pub struct DistillArgs {
 }
 
 impl DistillArgs {
-    fn config(&self) -> DistillConfig {
-        let mut c = DistillConfig::preset(self.preset, self.mode, self.ipc);
+    fn config(&self) -> anyhow::Result<DistillConfig> {
+        let mut c = DistillConfig::preset(self.method, self.preset, self.mode, self.ipc);
+        let s = &mut c.settings;
         macro_rules! set {
-            ($($field:ident),*) => { $(if let Some(v) = self.$field { c.$field = v; })* };
+            ($target:expr, $($field:ident),*) => {{ $(if let Some(v) = self.$field { $target.$field = v; })* }};
         }
-        set!(
-            iterations, batch_real, outer_loop, inner_loop, lr_img, lr_net, distance, init
-        );
+        set!(s, iterations, batch_real, lr_img, init);
         if let Some(w) = self.width {
-            c.model.width = w;
+            s.model.width = w;
         }
         if let Some(d) = self.depth {
-            c.model.depth = d;
+            s.model.depth = d;
         }
-        c.seed = self.seed;
-        c
+        s.seed = self.seed;
+        match c.method.dc_mut() {
+            Some(dc) => set!(dc, outer_loop, inner_loop, lr_net, distance),
+            None => {
+                for (given, flag) in [
+                    (self.outer_loop.is_some(), "--outer-loop"),
+                    (self.inner_loop.is_some(), "--inner-loop"),
+                    (self.lr_net.is_some(), "--lr-net"),
+                    (self.distance.is_some(), "--distance"),
+                ] {
+                    if given {
+                        anyhow::bail!(
+                            "{flag} is a DC option; --method {} does not take it",
+                            self.method
+                        );
+                    }
+                }
+            }
+        }
+        Ok(c)
     }
 }
 
@@ -119,8 +142,9 @@ fn checkpoint_path(args: &DistillArgs) -> PathBuf {
         .unwrap_or_else(|| args.out.with_extension("ckpt.safetensors"))
 }
 
-pub fn run(args: DistillArgs) -> anyhow::Result<()> {
-    let config = args.config();
+/// Runs the distillation; `Interrupted` when Ctrl-C stopped it (its checkpoint written).
+pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
+    let config = args.config()?;
     config.validate()?;
     if args.grid_every == 0 || args.checkpoint_every == 0 {
         anyhow::bail!("--grid-every and --checkpoint-every must be at least 1");
@@ -134,7 +158,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
             "resumed {} at iteration {}/{}",
             resume.display(),
             distiller.iteration(),
-            config.iterations
+            config.settings.iterations
         );
     }
     let ckpt = checkpoint_path(&args);
@@ -151,22 +175,22 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
         .context("cannot install the Ctrl-C handler")?;
     }
 
+    let s = &config.settings;
     println!(
-        "distill: mode {}, preset {}, ipc {} ({} images), {} matching terms per outer step, width {}, real batch {}, loops {}/{}, {} iterations, init {}, distance {}",
-        config.mode,
+        "distill: method {}, mode {}, preset {}, ipc {} ({} images), {} matching terms per step, width {}, real batch {}, {}, {} iterations, init {}",
+        config.method.kind(),
+        s.mode,
         args.preset,
-        config.ipc,
+        s.ipc,
         config.n_synthetic(),
         distiller.n_terms(),
-        config.model.width,
-        config.batch_real,
-        config.outer_loop,
-        config.inner_loop,
-        config.iterations,
-        config.init,
-        config.distance
+        s.model.width,
+        s.batch_real,
+        config.method.describe(),
+        s.iterations,
+        s.init,
     );
-    if config.mode != MatchMode::Class && !distiller.empty_groups().is_empty() {
+    if s.mode != MatchMode::Class && !distiller.empty_groups().is_empty() {
         println!(
             "{} groups have no real training images and are skipped (their synthetic images stay as initialised): {:?}",
             distiller.empty_groups().len(),
@@ -174,21 +198,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
         );
     }
 
-    let mut history = match &args.history {
-        Some(path) => Some({
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
-            }
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open {}", path.display()))?
-        }),
-        None => None,
-    };
-    let bar = ProgressBar::new(config.iterations as u64);
+    let bar = ProgressBar::new(s.iterations as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} iterations  {msg}  (ETA {eta})",
@@ -199,19 +209,12 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
     bar.reset_eta();
     bar.enable_steady_tick(Duration::from_millis(250));
     let started = Instant::now();
-    while !distiller.is_done() {
-        if stop.load(Ordering::SeqCst) {
-            distiller.save_checkpoint(&ckpt)?;
-            bar.abandon();
-            println!(
-                "interrupted after iteration {}; checkpoint {}; continue with the same command plus --resume {}",
-                distiller.iteration(),
-                ckpt.display(),
-                ckpt.display()
-            );
-            return Ok(());
-        }
-        let stats = distiller.step()?;
+    let files = RunFiles {
+        checkpoint: &ckpt,
+        checkpoint_every: args.checkpoint_every,
+        history: args.history.as_deref(),
+    };
+    let outcome = drive(&mut distiller, files, &stop, &mut |distiller, stats| {
         bar.set_position(stats.iteration as u64);
         bar.set_message(format!(
             "loss {:.4}  {:.1} s/it  {:.0} real img/s",
@@ -227,23 +230,27 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
             synthetic_seconds = stats.synthetic_seconds,
             inner_seconds = stats.inner_seconds
         );
-        if let Some(file) = history.as_mut() {
-            writeln!(file, "{}", serde_json::to_string(&stats)?)?;
-        }
         let i = stats.iteration;
         if let Some(dir) = &args.grid {
             if i % args.grid_every == 0 || i == 1 {
-                write_grid(&distiller, &dir.join(format!("iter-{i:05}.png")))?;
+                write_grid(distiller, &dir.join(format!("iter-{i:05}.png")))?;
             }
         }
-        if i % args.checkpoint_every == 0 {
-            distiller.save_checkpoint(&ckpt)?;
-        }
+        Ok(())
+    })?;
+    if outcome == RunOutcome::Interrupted {
+        bar.abandon();
+        println!(
+            "interrupted after iteration {}; checkpoint {}; continue with the same command plus --resume {}",
+            distiller.iteration(),
+            ckpt.display(),
+            ckpt.display()
+        );
+        return Ok(outcome);
     }
     bar.finish();
     let set = distiller.synthetic_set()?;
     set.save(&args.out)?;
-    distiller.save_checkpoint(&ckpt)?;
     if let Some(dir) = &args.grid {
         write_grid(&distiller, &dir.join("final.png"))?;
         println!("grids: {}", dir.display());
@@ -255,10 +262,12 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         ckpt.display()
     );
-    Ok(())
+    Ok(outcome)
 }
 
-fn write_grid(distiller: &Distiller, path: &Path) -> anyhow::Result<()> {
-    debiasdd_distill::grid::save(&distiller.synthetic_set()?, path)?;
-    Ok(())
+fn write_grid<M: debiasdd_distill::Matcher>(
+    distiller: &Distiller<M>,
+    path: &Path,
+) -> Result<(), debiasdd_distill::DistillError> {
+    debiasdd_distill::grid::save(&distiller.synthetic_set()?, path)
 }

@@ -74,18 +74,40 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     debiasdd_model::device::set_tf32(cli.tf32);
+    let done = ExitCode::SUCCESS;
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Train(args) => train::run(args),
-        Command::Evaluate(args) => evaluate::run(args),
-        Command::Distill(args) => distill::run(args),
-        Command::Subset(args) => subset::run(args),
+        Command::Generate(args) => generate::run(args).map(|()| done),
+        Command::Train(args) => train::run(args).map(|()| done),
+        Command::Evaluate(args) => evaluate::run(args).map(|()| done),
+        Command::Distill(args) => distill::run(args).map(|outcome| match outcome {
+            debiasdd_distill::RunOutcome::Finished => done,
+            // What shells and schedulers expect of a run stopped by SIGINT.
+            debiasdd_distill::RunOutcome::Interrupted => ExitCode::from(INTERRUPTED),
+        }),
+        Command::Subset(args) => subset::run(args).map(|()| done),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The exit status of a run stopped by Ctrl-C after writing its checkpoint: 128 + SIGINT.
+const INTERRUPTED: u8 = 130;
+
+/// The error and its causes on one line, each cause once: a message that already quotes its
+/// cause (`cannot read F: No such file or directory (os error 2)`) is not followed by it again.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }

@@ -202,7 +202,8 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() -> anyhow::Result<()> {
     assert!(killed.success());
     let rest: Vec<String> = lines.collect::<Result<_, _>>()?;
     let status = child.wait()?;
-    assert!(status.success(), "exit {status:?}; stdout {rest:?}");
+    // The checkpoint is written, then the process exits as a run stopped by SIGINT: 130.
+    assert_eq!(status.code(), Some(130), "stdout {rest:?}");
     let message = rest.join("\n");
     assert!(message.contains("interrupted after iteration"), "{message}");
     let ckpt = dir.path().join("syn.ckpt.safetensors");
@@ -223,5 +224,78 @@ fn ctrl_c_writes_a_checkpoint_that_resumes() -> anyhow::Result<()> {
     let run = debiasdd(&resume);
     assert!(run.status.success(), "{}", text(&run.stderr));
     assert!(out.exists());
+    Ok(())
+}
+
+#[test]
+fn a_missing_file_is_named_once_with_its_os_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("nowhere.safetensors");
+    let out = dir.path().join("syn.safetensors");
+    let run = debiasdd(&distill_args(&missing, "class", "1", &out, &[]));
+    assert_clean_failure(&run, "nowhere.safetensors");
+    let stderr = text(&run.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the OS error once: {stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_diverging_run_names_only_options_that_would_change_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = tiny_dataset(dir.path());
+    let out = dir.path().join("syn.safetensors");
+    for (distance, suggests_distance) in [("ours", false), ("mse", true)] {
+        let args = distill_args(
+            &data,
+            "class",
+            "3",
+            &out,
+            &["--lr-img", "1e39", "--distance", distance],
+        );
+        let run = debiasdd(&args);
+        assert_clean_failure(&run, "matching loss became");
+        let stderr = text(&run.stderr);
+        // 1e39 overflows f32 in the first update.
+        assert!(
+            stderr.contains("lower --lr-img (now 1000000000"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("--lr-net (now 0.01)"), "{stderr}");
+        assert_eq!(
+            stderr.contains("--distance ours"),
+            suggests_distance,
+            "{distance}: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+#[test]
+fn outputs_get_the_usual_file_mode() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir()?;
+    let data = tiny_dataset(dir.path());
+    let out = dir.path().join("syn.safetensors");
+    let run = debiasdd(&distill_args(&data, "class", "1", &out, &[]));
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    // What an ordinary file gets here under this process's umask.
+    let probe = dir.path().join("probe");
+    std::fs::write(&probe, b"")?;
+    let usual = std::fs::metadata(&probe)?.permissions().mode() & 0o777;
+    for file in [out.clone(), dir.path().join("syn.ckpt.safetensors"), data] {
+        let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+        assert_eq!(
+            mode,
+            usual,
+            "{}: {mode:o}, expected {usual:o}",
+            file.display()
+        );
+    }
     Ok(())
 }

@@ -18,8 +18,10 @@
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use debiasdd_cmnist::colored::Split;
-use debiasdd_distill::grads::{self, ConvPath, Segments};
-use debiasdd_distill::{Distance, DistillConfig, Distiller, MatchMode, MatchingTarget, Preset};
+use debiasdd_distill::{
+    Distance, DistillConfig, Distiller, MatchMode, MatchingTarget, MethodKind, Preset,
+};
+use debiasdd_model::grads::{self, ConvPath, Segments};
 use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
@@ -65,9 +67,10 @@ fn matching_step(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("dc_matching_step_{name}_cpu"));
         group.sample_size(10);
         for mode in MatchMode::ALL {
-            let mut config = DistillConfig::preset(preset, mode, 10);
-            config.outer_loop = 1; // one matching step per `step()`, no inner training
-            config.iterations = usize::MAX;
+            let mut config = DistillConfig::preset(MethodKind::Dc, preset, mode, 10);
+            // One matching step per `step()`, no inner training.
+            config.method.dc_mut().expect("a DC config").outer_loop = 1;
+            config.settings.iterations = usize::MAX;
             let mut distiller =
                 Distiller::new(config, &split, &Device::Cpu, DType::F32).expect("distiller");
             group.bench_function(mode.name(), |b| b.iter(|| distiller.step().expect("step")));
@@ -139,8 +142,8 @@ fn quick_iteration(c: &mut Criterion) {
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(1));
     for mode in [MatchMode::Class, MatchMode::Group] {
-        let mut config = DistillConfig::preset(Preset::Quick, mode, 10);
-        config.iterations = usize::MAX;
+        let mut config = DistillConfig::preset(MethodKind::Dc, Preset::Quick, mode, 10);
+        config.settings.iterations = usize::MAX;
         let mut distiller =
             Distiller::new(config, &split, &Device::Cpu, DType::F32).expect("distiller");
         group.bench_function(mode.name(), |b| b.iter(|| distiller.step().expect("step")));

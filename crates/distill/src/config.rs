@@ -1,4 +1,5 @@
-//! What a distillation run does: matching mode, sizes, loops, learning rates, network, seed.
+//! What a distillation run does: the settings every method shares (strata, sizes, the images'
+//! optimiser, network, seed) and one method's own section, validated once at the boundary.
 
 use std::fmt;
 use std::str::FromStr;
@@ -6,35 +7,9 @@ use std::str::FromStr;
 use debiasdd_model::ConvNetConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::distance::Distance;
 use crate::error::DistillError;
-
-/// What the synthetic gradients are matched against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MatchMode {
-    /// Vanilla DC: one term per class; the real batch of class c is drawn from the whole class
-    /// (and so inherits its colour bias).
-    Class,
-    /// Debiased DC: every synthetic image belongs to a (class, colour) group; one term per group,
-    /// its real batch drawn from that group only. Groups without real samples are skipped.
-    Group,
-    /// FairDD's variant: each class's synthetic gradient is matched against the real gradient of
-    /// every non-empty group of that class, the terms summed.
-    ClassVsGroups,
-}
-
-impl MatchMode {
-    pub const ALL: [MatchMode; 3] = [MatchMode::Class, MatchMode::Group, MatchMode::ClassVsGroups];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MatchMode::Class => "class",
-            MatchMode::Group => "group",
-            MatchMode::ClassVsGroups => "class-vs-groups",
-        }
-    }
-}
+use crate::method::{MethodConfig, MethodKind};
+use crate::strata::MatchMode;
 
 /// How the synthetic images start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +33,28 @@ impl Init {
     }
 }
 
+/// A named starting point for a [`DistillConfig`], per method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// Small enough for a 2-core CPU in minutes, large enough to show the debiasing effect.
+    Quick,
+    /// The protocol of the method's paper.
+    Paper,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 2] = [Preset::Quick, Preset::Paper];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Quick => "quick",
+            Preset::Paper => "paper",
+        }
+    }
+}
+
+/// `Display` and case-insensitive `FromStr` through `ALL` and `name()`.
 macro_rules! name_traits {
     ($ty:ty, $expected:literal) => {
         impl fmt::Display for $ty {
@@ -79,197 +76,120 @@ macro_rules! name_traits {
     };
 }
 
-name_traits!(MatchMode, "class, group, class-vs-groups");
+pub(crate) use name_traits;
+
 name_traits!(Init, "noise, real");
-
-/// A named starting point for [`DistillConfig`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Preset {
-    /// Small enough for a 2-core CPU in minutes, large enough to show the debiasing effect:
-    /// width 32, outer 5 / inner 10 loops, 20 iterations (the protocol's small-scale comparison);
-    /// real batch 64 per class, or 16 per group in the group-based modes (a class has up to 10
-    /// groups, so that is up to 160 real images per class; 64 per group made a group-wise
-    /// iteration 2.6x a class-wise one at ratio 0.05 and more at 0.1).
-    Quick,
-    /// The protocol: width 128, real batch 256, loops from the ipc table, 1000 iterations.
-    Paper,
-}
-
-impl Preset {
-    pub const ALL: [Preset; 2] = [Preset::Quick, Preset::Paper];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Preset::Quick => "quick",
-            Preset::Paper => "paper",
-        }
-    }
-}
-
 name_traits!(Preset, "quick, paper");
 
-/// DC's (outer_loop, inner_loop) for a number of images per class, from the official code's
-/// table; `None` for an ipc the table does not list.
-pub fn loops_for_ipc(ipc: usize) -> Option<(usize, usize)> {
-    match ipc {
-        1 => Some((1, 1)),
-        10 => Some((10, 50)),
-        20 => Some((20, 25)),
-        30 => Some((30, 20)),
-        40 => Some((40, 15)),
-        50 => Some((50, 10)),
-        _ => None,
-    }
-}
-
-/// Every setting of a distillation run. [`DistillConfig::preset`] gives the protocol's values;
-/// every field can be overridden.
+/// The settings every method shares.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DistillConfig {
+pub struct Settings {
+    /// The strata: which real images each term matches against.
     pub mode: MatchMode,
     /// Synthetic images per class.
     pub ipc: usize,
-    /// Outer iterations, each with a fresh network.
+    /// Iterations (each may draw fresh state, such as DC's fresh network).
     pub iterations: usize,
-    /// Synthetic-image updates per iteration.
-    pub outer_loop: usize,
-    /// Epochs of network training on the synthetic set between two updates.
-    pub inner_loop: usize,
-    /// Real images per class (or per group; all of a smaller group).
+    /// Real images per class (or per group; all of a smaller group), per step.
     pub batch_real: usize,
-    /// Batch size of the inner-loop network training.
-    pub batch_train: usize,
     /// SGD learning rate and momentum of the synthetic images.
     pub lr_img: f64,
     pub momentum_img: f64,
-    /// SGD learning rate of the inner-loop network training (no momentum, as DC).
-    pub lr_net: f64,
-    pub distance: Distance,
     pub init: Init,
-    /// The network matched through (a fresh one every iteration).
+    /// The network matched through.
     pub model: ConvNetConfig,
-    /// Seed of every random choice (initialisation, networks, real batches, inner-loop order).
+    /// Seed of every random choice (initialisation, networks, real batches, training order).
     pub seed: u64,
 }
 
-impl DistillConfig {
-    /// The preset's values for `mode` at `ipc` images per class. The paper preset takes its loops
-    /// from [`loops_for_ipc`] (for an ipc outside the table, set `outer_loop` and `inner_loop`
-    /// yourself: they are 0 and [`DistillConfig::validate`] says so).
-    pub fn preset(preset: Preset, mode: MatchMode, ipc: usize) -> Self {
-        let (outer_loop, inner_loop) = match preset {
-            Preset::Quick => (5, 10),
-            Preset::Paper => loops_for_ipc(ipc).unwrap_or((0, 0)),
-        };
-        let (width, batch_real, iterations) = match (preset, mode) {
-            (Preset::Quick, MatchMode::Class) => (32, 64, 20),
-            (Preset::Quick, MatchMode::Group | MatchMode::ClassVsGroups) => (32, 16, 20),
-            (Preset::Paper, _) => (128, 256, 1000),
-        };
-        Self {
-            mode,
-            ipc,
-            iterations,
-            outer_loop,
-            inner_loop,
-            batch_real,
-            batch_train: 256,
-            lr_img: 0.1,
-            momentum_img: 0.5,
-            lr_net: 0.01,
-            distance: Distance::Ours,
-            init: Init::Noise,
-            model: ConvNetConfig {
-                width,
-                ..ConvNetConfig::default()
-            },
-            seed: 0,
-        }
-    }
-
+impl Settings {
     /// Number of synthetic images.
     pub fn n_synthetic(&self) -> usize {
         self.ipc * self.model.n_classes
     }
 
-    /// Checks every setting; the error names the field and the fix.
+    /// Checks every shared setting; the error names the field and the fix.
     pub fn validate(&self) -> Result<(), DistillError> {
-        let invalid = |field: &'static str, problem: String| {
-            Err(DistillError::InvalidConfig { field, problem })
-        };
         for (field, value) in [
             ("ipc", self.ipc),
             ("iterations", self.iterations),
-            ("outer_loop", self.outer_loop),
             ("batch_real", self.batch_real),
-            ("batch_train", self.batch_train),
         ] {
             if value == 0 {
-                let hint = if field == "outer_loop" {
-                    format!(
-                        "must be at least 1 (DC's table covers ipc 1, 10, 20, 30, 40, 50; for ipc {} set the outer and inner loops)",
-                        self.ipc
-                    )
-                } else {
-                    "must be at least 1".to_owned()
-                };
-                return invalid(field, hint);
+                return Err(invalid(field, "must be at least 1".to_owned()));
             }
         }
-        for (field, value) in [
-            ("lr_img", self.lr_img),
-            ("lr_net", self.lr_net),
-            ("momentum_img", self.momentum_img),
-        ] {
+        for (field, value) in [("lr_img", self.lr_img), ("momentum_img", self.momentum_img)] {
             if !value.is_finite() || value < 0.0 {
-                return invalid(field, format!("must be a finite number >= 0, got {value}"));
+                return Err(invalid(
+                    field,
+                    format!("must be a finite number >= 0, got {value}"),
+                ));
             }
         }
         if self.momentum_img >= 1.0 {
-            return invalid(
+            return Err(invalid(
                 "momentum_img",
                 format!("must be below 1, got {}", self.momentum_img),
-            );
+            ));
         }
-        if self.model.n_classes != debiasdd_groups::GroupSpec::COLORED_MNIST.n_classes() {
-            return invalid(
+        let spec = debiasdd_groups::GroupSpec::COLORED_MNIST;
+        if self.model.n_classes != spec.n_classes() {
+            return Err(invalid(
                 "model.n_classes",
-                format!(
-                    "must be {} for Colored MNIST",
-                    debiasdd_groups::GroupSpec::COLORED_MNIST.n_classes()
-                ),
-            );
+                format!("must be {} for Colored MNIST", spec.n_classes()),
+            ));
         }
-        let n_attributes = debiasdd_groups::GroupSpec::COLORED_MNIST.n_attributes();
+        let n_attributes = spec.n_attributes();
         if self.mode == MatchMode::Group && self.ipc % n_attributes != 0 {
-            return invalid(
+            return Err(invalid(
                 "ipc",
                 format!(
                     "group mode gives every (class, colour) group the same number of images, so ipc must be a multiple of {n_attributes}, got {}; use --mode class-vs-groups for other ipc",
                     self.ipc
                 ),
-            );
+            ));
         }
         self.model
             .validate()
-            .map_err(|e| DistillError::InvalidConfig {
-                field: "model",
-                problem: e.to_string(),
-            })?;
-        if let Some(reason) = crate::grads::unsupported_reason(&self.model) {
-            return invalid("model", reason);
+            .map_err(|e| invalid("model", e.to_string()))?;
+        if let Some(reason) = debiasdd_model::grads::unsupported_reason(&self.model) {
+            return Err(invalid("model", reason));
         }
         Ok(())
     }
+}
 
-    /// The settings that must agree between a checkpoint and the run that resumes it: all but
-    /// `iterations`, as JSON.
-    pub(crate) fn identity(&self) -> String {
-        let mut same = self.clone();
-        same.iterations = 0;
-        serde_json::to_string(&same).expect("config serialises")
+/// The error of an invalid setting.
+pub(crate) fn invalid(field: &'static str, problem: String) -> DistillError {
+    DistillError::InvalidConfig { field, problem }
+}
+
+/// Every setting of a distillation run: the shared [`Settings`] and the method's section.
+/// [`DistillConfig::preset`] gives a method's published values; every field can be overridden.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    pub settings: Settings,
+    pub method: MethodConfig,
+}
+
+impl DistillConfig {
+    /// `method`'s `preset` for the strata `mode` at `ipc` images per class.
+    pub fn preset(method: MethodKind, preset: Preset, mode: MatchMode, ipc: usize) -> Self {
+        method.preset(preset, mode, ipc)
+    }
+
+    /// Number of synthetic images.
+    pub fn n_synthetic(&self) -> usize {
+        self.settings.n_synthetic()
+    }
+
+    /// Checks every setting, shared and the method's; the error names the field and the fix.
+    pub fn validate(&self) -> Result<(), DistillError> {
+        self.settings.validate()?;
+        self.method.validate(&self.settings)
     }
 }
 
@@ -278,60 +198,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn presets_validate_and_follow_the_protocol() {
-        for mode in MatchMode::ALL {
-            let paper = DistillConfig::preset(Preset::Paper, mode, 10);
-            paper.validate().unwrap();
-            assert_eq!((paper.outer_loop, paper.inner_loop), (10, 50));
-            assert_eq!((paper.model.width, paper.batch_real), (128, 256));
-            assert_eq!(
-                (paper.lr_img, paper.momentum_img, paper.lr_net),
-                (0.1, 0.5, 0.01)
-            );
-            let quick = DistillConfig::preset(Preset::Quick, mode, 10);
-            quick.validate().unwrap();
-            let per_term = if mode == MatchMode::Class { 64 } else { 16 };
-            assert_eq!((quick.model.width, quick.batch_real), (32, per_term));
-        }
-    }
-
-    #[test]
-    fn bad_settings_name_the_field() {
-        let base = DistillConfig::preset(Preset::Quick, MatchMode::Group, 10);
-        let err = |c: DistillConfig| c.validate().unwrap_err().to_string();
-        assert!(
-            err(DistillConfig {
-                ipc: 0,
-                ..base.clone()
-            })
-            .contains("ipc")
-        );
-        assert!(
-            err(DistillConfig {
-                ipc: 5,
-                ..base.clone()
-            })
-            .contains("multiple of 10")
-        );
-        let paper7 = DistillConfig::preset(Preset::Paper, MatchMode::Class, 7);
-        assert!(err(paper7).contains("outer_loop"));
-        assert!(
-            err(DistillConfig {
-                lr_img: f64::NAN,
-                ..base.clone()
-            })
-            .contains("lr_img")
-        );
-        let mut max_pool = base.clone();
-        max_pool.model.pooling = debiasdd_model::Pooling::Max;
-        assert!(err(max_pool).contains("pooling"));
-    }
-
-    #[test]
     fn names_round_trip() {
-        for m in MatchMode::ALL {
-            assert_eq!(m.name().parse::<MatchMode>(), Ok(m));
+        for p in Preset::ALL {
+            assert_eq!(p.name().parse::<Preset>(), Ok(p));
         }
         assert!("pixel".parse::<Init>().unwrap_err().contains("noise, real"));
+    }
+
+    #[test]
+    fn shared_settings_name_the_field() {
+        let base = DistillConfig::preset(MethodKind::Dc, Preset::Quick, MatchMode::Group, 10);
+        let err = |f: &dyn Fn(&mut Settings)| {
+            let mut c = base.clone();
+            f(&mut c.settings);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(err(&|s| s.ipc = 0).contains("ipc"));
+        assert!(err(&|s| s.ipc = 5).contains("multiple of 10"));
+        assert!(err(&|s| s.lr_img = f64::NAN).contains("lr_img"));
+        assert!(err(&|s| s.momentum_img = 1.0).contains("below 1"));
+        assert!(err(&|s| s.model.pooling = debiasdd_model::Pooling::Max).contains("pooling"));
     }
 }

@@ -21,13 +21,13 @@ pub enum DistillError {
         n_labels: usize,
         n_groups: usize,
     },
-    #[error(
-        "the matching loss became {value} at iteration {iteration}, outer step {outer_step}; lower --lr-img or --lr-net, or try --distance ours"
-    )]
+    #[error("the matching loss became {value} at iteration {iteration}, step {step}; {hint}")]
     NonFiniteLoss {
         iteration: usize,
-        outer_step: usize,
+        step: usize,
         value: f64,
+        /// What to change, each option with its current value.
+        hint: String,
     },
     #[error(
         "checkpoint {path} was written by a run with different settings ({problem}); resume with the same settings or start a new run"

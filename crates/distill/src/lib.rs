@@ -1,37 +1,57 @@
-//! Debiased dataset distillation: DC's gradient matching, per class (vanilla), per
-//! (class, colour) group (the debiased method) or class against groups (FairDD).
+//! Debiased dataset distillation: strata x method. The strata ([`strata`]) say which real images
+//! form each matching term (per class, per (class, colour) group, or FairDD's class against
+//! groups); the method ([`Matcher`]) says what is matched over those terms (DC: gradients,
+//! [`dc`]). One loop ([`Distiller`]), one checkpoint format ([`checkpoint`]) and one resumable
+//! driver ([`driver::drive`]) serve every method; [`method`] is the registry that names them.
 //!
-//! Sits above the data layer (`debiasdd-cmnist`, `debiasdd-groups`), the networks
-//! (`debiasdd-model`) and the synthetic-set format of `debiasdd-eval`; the binary and `xtask` drive
-//! it. [`grads`] (re-exported from `debiasdd-model`) is the hand-written, differentiable ConvNet
-//! backward pass that gives exact second-order gradients, [`distance`] the matching distances,
-//! [`engine`] the distillation loop with checkpoints, [`grid`] the picture of the synthetic set.
+//! Sits above the data layer (`debiasdd-cmnist`, `debiasdd-groups`), the networks and their
+//! backends (`debiasdd-model`) and the synthetic-set format of `debiasdd-eval`; the binary and
+//! `xtask` drive it. [`grid`] draws the synthetic set.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::atomic::AtomicBool;
 //! use candle_core::{DType, Device};
-//! use debiasdd_distill::{DistillConfig, Distiller, MatchMode, Preset};
+//! use debiasdd_distill::{DistillConfig, Distiller, MatchMode, MethodKind, Preset};
+//! use debiasdd_distill::driver::{RunFiles, drive};
 //!
 //! let data = debiasdd_cmnist::io::load(std::path::Path::new("data/cmnist/seed-ratio0.01-seed0.safetensors"))?;
-//! let config = DistillConfig::preset(Preset::Quick, MatchMode::Group, 10);
+//! let config = DistillConfig::preset(MethodKind::Dc, Preset::Quick, MatchMode::Group, 10);
 //! let mut distiller = Distiller::new(config, &data.train, &Device::Cpu, DType::F32)?;
-//! while !distiller.is_done() {
-//!     let stats = distiller.step()?;
+//! let files = RunFiles {
+//!     checkpoint: std::path::Path::new("syn.ckpt.safetensors"),
+//!     checkpoint_every: 5,
+//!     history: Some(std::path::Path::new("history.jsonl")),
+//! };
+//! drive(&mut distiller, files, &AtomicBool::new(false), &mut |_, stats| {
 //!     println!("iteration {} loss {:.4}", stats.iteration, stats.loss);
-//! }
+//!     Ok(())
+//! })?;
 //! distiller.synthetic_set()?.save(std::path::Path::new("syn.safetensors"))?;
 //! # Ok(()) }
 //! ```
+//!
+//! A new method implements [`Matcher`] (and [`matcher::Target`] for its per-step loss) and runs
+//! through [`Distiller::with_matcher`] with nothing else changed: `tests/custom_method.rs`
+//! distils, checkpoints and resumes a method written outside this crate. To make it selectable
+//! by name from the command line and the experiment grid, add it to [`method`].
 
+pub mod checkpoint;
 pub mod config;
-pub mod distance;
+pub mod dc;
+pub mod driver;
 pub mod engine;
 pub mod error;
-pub use debiasdd_model::grads;
 pub mod grid;
-mod native_loss;
+pub mod matcher;
+pub mod method;
+pub mod strata;
 
-pub use config::{DistillConfig, Init, MatchMode, Preset, loops_for_ipc};
-pub use distance::Distance;
-pub use engine::{Distiller, IterationStats, MatchingTarget};
+pub use config::{DistillConfig, Init, Preset, Settings};
+pub use dc::{Dc, DcConfig, Distance, MatchingTarget, loops_for_ipc};
+pub use driver::{RunFiles, RunOutcome, drive};
+pub use engine::{Distiller, IterationStats};
 pub use error::DistillError;
+pub use matcher::{Matcher, NonFiniteHints, Problem, Target};
+pub use method::{MethodConfig, MethodKind};
+pub use strata::{MatchMode, MatchingPlan, RealBatch};

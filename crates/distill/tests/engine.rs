@@ -3,8 +3,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use debiasdd_cmnist::colored::Split;
-use debiasdd_distill::grads::ConvPath;
-use debiasdd_distill::{DistillConfig, DistillError, Distiller, Init, MatchMode, Preset};
+use debiasdd_distill::{
+    Dc, DistillConfig, DistillError, Distiller, Init, MatchMode, MethodKind, Preset,
+};
+use debiasdd_model::grads::ConvPath;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -38,14 +40,16 @@ fn tiny_split(skip_class: Option<u8>) -> Split {
 }
 
 fn tiny_config(mode: MatchMode) -> DistillConfig {
-    let mut config = DistillConfig::preset(Preset::Quick, mode, 10);
-    config.model.width = 2;
-    config.model.depth = 1;
-    config.outer_loop = 2;
-    config.inner_loop = 2;
-    config.batch_real = 3;
-    config.iterations = 2;
-    config.seed = 5;
+    let mut config = DistillConfig::preset(MethodKind::Dc, Preset::Quick, mode, 10);
+    let s = &mut config.settings;
+    s.model.width = 2;
+    s.model.depth = 1;
+    s.batch_real = 3;
+    s.iterations = 2;
+    s.seed = 5;
+    let dc = config.method.dc_mut().expect("a DC config");
+    dc.outer_loop = 2;
+    dc.inner_loop = 2;
     config
 }
 
@@ -74,7 +78,7 @@ fn plans_follow_the_mode() -> anyhow::Result<()> {
         (MatchMode::Group, 20, true),
         (MatchMode::ClassVsGroups, 20, false),
     ] {
-        let d = Distiller::new(tiny_config(mode), &split, &Device::Cpu, DType::F32)?;
+        let d = Dc::distiller(tiny_config(mode), &split, &Device::Cpu, DType::F32)?;
         assert_eq!(d.n_terms(), terms, "{mode}");
         assert_eq!(d.empty_groups().len(), 80, "{mode}");
         let set = d.synthetic_set()?;
@@ -104,7 +108,7 @@ fn plans_follow_the_mode() -> anyhow::Result<()> {
 fn real_init_draws_from_the_image_group_or_class() -> anyhow::Result<()> {
     let split = tiny_split(None);
     let mut config = tiny_config(MatchMode::Group);
-    config.init = Init::Real;
+    config.settings.init = Init::Real;
     let d = Distiller::new(config, &split, &Device::Cpu, DType::F32)?;
     let set = d.synthetic_set()?;
     // Every synthetic image equals some real image of its class (pixel values k/255).
@@ -180,13 +184,13 @@ fn checkpoint_of_other_settings_is_refused_by_name() -> anyhow::Result<()> {
     )?
     .save_checkpoint(&ckpt)?;
     let mut other_config = tiny_config(MatchMode::Class);
-    other_config.lr_img = 0.5;
+    other_config.settings.lr_img = 0.5;
     let mut other = Distiller::new(other_config, &split, &Device::Cpu, DType::F32)?;
     let err = other.load_checkpoint(&ckpt).unwrap_err().to_string();
     assert!(err.contains("lr_img"), "{err}");
     // More iterations is fine.
     let mut longer_config = tiny_config(MatchMode::Class);
-    longer_config.iterations = 10;
+    longer_config.settings.iterations = 10;
     Distiller::new(longer_config, &split, &Device::Cpu, DType::F32)?.load_checkpoint(&ckpt)?;
     let garbage = dir.path().join("garbage.ckpt");
     std::fs::write(&garbage, b"not a checkpoint")?;
@@ -232,8 +236,8 @@ fn splitting_the_real_batch_into_passes_changes_nothing() -> anyhow::Result<()> 
     for mode in MatchMode::ALL {
         let config = tiny_config(mode);
         let mut a = Distiller::new(config.clone(), &split, &Device::Cpu, DType::F64)?;
-        let mut b =
-            Distiller::new(config, &split, &Device::Cpu, DType::F64)?.with_real_pass_images(1);
+        let dc = Dc::new(config.method.dc().expect("a DC config").clone()).with_real_pass_images(1);
+        let mut b = Distiller::with_matcher(config.settings, dc, &split, &Device::Cpu, DType::F64)?;
         let (la, lb) = (a.step()?.loss, b.step()?.loss);
         assert!(
             (la - lb).abs() < 1e-10 * la.abs().max(1.0),
@@ -251,7 +255,7 @@ fn engine_loss_gradient_matches_finite_differences() -> anyhow::Result<()> {
     let split = tiny_split(None);
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for mode in MatchMode::ALL {
-        let d = Distiller::new(tiny_config(mode), &split, &Device::Cpu, DType::F64)?;
+        let d = Dc::distiller(tiny_config(mode), &split, &Device::Cpu, DType::F64)?;
         let target = d.probe(7)?;
         let x0 = d.images().clone();
         let var = Var::from_tensor(&x0)?;
@@ -285,8 +289,8 @@ fn native_loss_equals_the_op_by_op_loss() -> anyhow::Result<()> {
     for mode in MatchMode::ALL {
         for kind in debiasdd_distill::Distance::ALL {
             let mut config = tiny_config(mode);
-            config.distance = kind;
-            let d = Distiller::new(config, &split, &Device::Cpu, DType::F64)?;
+            config.method.dc_mut().expect("a DC config").distance = kind;
+            let d = Dc::distiller(config, &split, &Device::Cpu, DType::F64)?;
             let target = d.probe(5)?;
             let var = Var::from_tensor(d.images())?;
             let native = target.loss(var.as_tensor())?;

@@ -3,8 +3,8 @@
 //! the matching loss with respect to the synthetic pixels (second order), in f64.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use debiasdd_distill::distance::{Distance, distance};
-use debiasdd_distill::grads::{self, ConvPath, Segments};
+use debiasdd_distill::dc::distance::{Distance, distance};
+use debiasdd_model::grads::{self, ConvPath, Segments};
 use debiasdd_model::{Activation, ConvNetConfig, ModelConfig, Network, Norm, Pooling};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

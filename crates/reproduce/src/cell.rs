@@ -1,18 +1,20 @@
-//! The cells of the grid: one method at one (ratio, seed), each producing one evaluation.
+//! The cells of the grid: one method at one (ratio, seed), each producing one evaluation, and
+//! the recipe of each (the settings its result depends on).
 
-use debiasdd_distill::MatchMode;
 use debiasdd_eval::data::Stratify;
+use debiasdd_eval::evaluate::EvalConfig;
 use debiasdd_eval::train::Sampling;
+use debiasdd_groups::GroupSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ReproduceConfig;
+use crate::config::{Distilled, ReproduceConfig};
 
 /// What a cell trains its scored networks on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind", content = "variant")]
 pub enum Method {
-    /// A set distilled by DC in this matching mode.
-    Distill(MatchMode),
+    /// A set distilled by a method over strata.
+    Distill(Distilled),
     /// A random real subset of the distilled set's size: the floor.
     Floor(Stratify),
     /// The whole (biased) train split: plain or group-balanced ERM.
@@ -20,29 +22,25 @@ pub enum Method {
 }
 
 impl Method {
-    /// Short, file-name-safe name.
-    pub fn slug(self) -> &'static str {
+    /// Short, file-name-safe name (`dc-group`, `random-class`, `erm`).
+    pub fn slug(self) -> String {
         match self {
-            Method::Distill(MatchMode::Class) => "dc-class",
-            Method::Distill(MatchMode::Group) => "dc-group",
-            Method::Distill(MatchMode::ClassVsGroups) => "dc-class-vs-groups",
-            Method::Floor(Stratify::Class) => "random-class",
-            Method::Floor(Stratify::Group) => "random-group",
-            Method::Baseline(Sampling::Shuffle) => "erm",
-            Method::Baseline(Sampling::GroupBalanced) => "balanced-erm",
+            Method::Distill(d) => format!("{}-{}", d.method.name(), d.mode.name()),
+            Method::Floor(Stratify::Class) => "random-class".into(),
+            Method::Floor(Stratify::Group) => "random-group".into(),
+            Method::Baseline(Sampling::Shuffle) => "erm".into(),
+            Method::Baseline(Sampling::GroupBalanced) => "balanced-erm".into(),
         }
     }
 
-    /// Name in tables and legends.
-    pub fn label(self) -> &'static str {
+    /// Name in tables and legends (`DC group-wise (debiased)`).
+    pub fn label(self) -> String {
         match self {
-            Method::Distill(MatchMode::Class) => "DC class-wise",
-            Method::Distill(MatchMode::Group) => "DC group-wise (debiased)",
-            Method::Distill(MatchMode::ClassVsGroups) => "DC class-vs-groups (FairDD)",
-            Method::Floor(Stratify::Class) => "random real, class-stratified",
-            Method::Floor(Stratify::Group) => "random real, group-stratified",
-            Method::Baseline(Sampling::Shuffle) => "full data, ERM",
-            Method::Baseline(Sampling::GroupBalanced) => "full data, group-balanced ERM",
+            Method::Distill(d) => format!("{} {}", d.method.label(), d.mode.label()),
+            Method::Floor(Stratify::Class) => "random real, class-stratified".into(),
+            Method::Floor(Stratify::Group) => "random real, group-stratified".into(),
+            Method::Baseline(Sampling::Shuffle) => "full data, ERM".into(),
+            Method::Baseline(Sampling::GroupBalanced) => "full data, group-balanced ERM".into(),
         }
     }
 
@@ -54,12 +52,7 @@ impl Method {
             Method::Floor(Stratify::Class),
             Method::Floor(Stratify::Group),
         ];
-        methods.extend(
-            MatchMode::ALL
-                .into_iter()
-                .filter(|m| config.modes.contains(m))
-                .map(Method::Distill),
-        );
+        methods.extend(config.distillations().into_iter().map(Method::Distill));
         methods
     }
 }
@@ -88,12 +81,8 @@ impl Cell {
     /// The distillation's share of [`Cell::cost`] (0 for subsets and baselines).
     pub fn produce_cost(&self, config: &ReproduceConfig) -> f64 {
         match self.method {
-            Method::Distill(mode) => {
-                let d = config.distill_config(mode, self.seed);
-                let per_iteration = d.outer_loop as f64 * 1.5 + d.inner_loop as f64 * 0.8;
-                let group = if mode == MatchMode::Class { 1.0 } else { 1.3 };
-                let width_factor = (d.model.width as f64 / 32.0).powi(2);
-                d.iterations as f64 * per_iteration * group * width_factor
+            Method::Distill(d) => {
+                debiasdd_distill::method::relative_cost(&config.distill_config(d, self.seed))
             }
             Method::Floor(_) | Method::Baseline(_) => 0.0,
         }
@@ -128,10 +117,55 @@ pub fn plan(config: &ReproduceConfig) -> Vec<Cell> {
     cells
 }
 
+/// The settings a cell's result depends on, as stored in its `result.json`.
+pub fn settings(config: &ReproduceConfig, cell: &Cell) -> serde_json::Value {
+    let eval = eval_config(config, cell);
+    let produce = match cell.method {
+        Method::Distill(d) => serde_json::to_value(config.distill_config(d, cell.seed)),
+        Method::Floor(stratify) => Ok(serde_json::json!({
+            "method": "random-real-subset",
+            "stratify": stratify,
+            "per_stratum": floor_size(config, stratify),
+            "seed": cell.seed,
+        })),
+        Method::Baseline(sampling) => Ok(serde_json::json!({ "sampling": sampling })),
+    }
+    .expect("configs serialise");
+    serde_json::json!({
+        "data": config.cmnist_config(cell.ratio, cell.seed),
+        "train_set": produce,
+        "eval": eval,
+    })
+}
+
+/// Images per class (class-stratified) or per group (group-stratified) of a floor: the size of
+/// the distilled set.
+pub fn floor_size(config: &ReproduceConfig, stratify: Stratify) -> usize {
+    match stratify {
+        Stratify::Class => config.distill.ipc,
+        Stratify::Group => (config.distill.ipc / GroupSpec::COLORED_MNIST.n_attributes()).max(1),
+    }
+}
+
+/// How `cell`'s networks are trained and scored.
+pub fn eval_config(config: &ReproduceConfig, cell: &Cell) -> EvalConfig {
+    let mut eval = match cell.method {
+        Method::Baseline(sampling) => {
+            let mut e = config.baseline.clone();
+            e.train.sampling = sampling;
+            e
+        }
+        _ => config.eval.clone(),
+    };
+    eval.seed = cell.seed;
+    eval
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::ReproducePreset;
+    use debiasdd_distill::{MatchMode, MethodKind};
 
     #[test]
     fn the_quick_grid_has_every_method_at_every_ratio_once() {
@@ -142,10 +176,18 @@ mod tests {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), cells.len());
+        // The ids of the cells that existed before methods were pluggable are kept.
         assert!(ids.contains(&"r0.005-s0-dc-group".to_owned()));
+        assert!(ids.contains(&"r0.1-s0-dc-class".to_owned()));
         assert_eq!(cells[0].method, Method::Floor(Stratify::Class));
         let paper = plan(&ReproduceConfig::preset(ReproducePreset::Paper));
         assert_eq!(paper.len(), 5 * 3 * 7);
+        let fairdd = Method::Distill(Distilled {
+            method: MethodKind::Dc,
+            mode: MatchMode::ClassVsGroups,
+        });
+        assert_eq!(fairdd.slug(), "dc-class-vs-groups");
+        assert_eq!(fairdd.label(), "DC class-vs-groups (FairDD)");
     }
 
     #[test]
@@ -156,7 +198,11 @@ mod tests {
             seed: 0,
             method,
         };
-        let distill = cell(Method::Distill(MatchMode::Class)).cost(&config);
+        let distill = cell(Method::Distill(Distilled {
+            method: MethodKind::Dc,
+            mode: MatchMode::Class,
+        }))
+        .cost(&config);
         let floor = cell(Method::Floor(Stratify::Group)).cost(&config);
         assert!(distill > 2.0 * floor, "{distill} vs {floor}");
     }

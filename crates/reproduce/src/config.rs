@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use debiasdd_cmnist::{ColoredMnistConfig, PROTOCOL_RATIOS};
-use debiasdd_distill::{DistillConfig, Init, MatchMode, Preset};
+use debiasdd_distill::{DistillConfig, Init, MatchMode, MethodKind, Preset};
 use debiasdd_eval::augment::Augment;
 use debiasdd_eval::evaluate::EvalConfig;
 use debiasdd_eval::train::TrainConfig;
@@ -91,6 +91,13 @@ impl DistillSettings {
     }
 }
 
+/// A distillation method over strata: what a distillation cell runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Distilled {
+    pub method: MethodKind,
+    pub mode: MatchMode,
+}
+
 /// Every setting of a reproduction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,7 +105,9 @@ pub struct ReproduceConfig {
     pub preset: ReproducePreset,
     /// Bias-conflicting ratios of the Colored MNIST train split.
     pub ratios: Vec<f64>,
-    /// Matching modes distilled at every ratio.
+    /// Distillation methods run at every ratio, each over every mode.
+    pub methods: Vec<MethodKind>,
+    /// Matching modes (strata) distilled at every ratio.
     pub modes: Vec<MatchMode>,
     /// Each seed gives its own dataset, distillation, subsets and evaluation.
     pub seeds: Vec<u64>,
@@ -133,6 +142,7 @@ impl ReproduceConfig {
             ReproducePreset::Quick => Self {
                 preset,
                 ratios: PROTOCOL_RATIOS.to_vec(),
+                methods: vec![MethodKind::Dc],
                 modes: vec![MatchMode::Class, MatchMode::Group],
                 seeds: vec![0],
                 cmnist,
@@ -154,6 +164,7 @@ impl ReproduceConfig {
             ReproducePreset::Paper => Self {
                 preset,
                 ratios: PROTOCOL_RATIOS.to_vec(),
+                methods: vec![MethodKind::Dc],
                 modes: MatchMode::ALL.to_vec(),
                 seeds: vec![0, 1, 2],
                 cmnist,
@@ -175,27 +186,50 @@ impl ReproduceConfig {
         }
     }
 
-    /// The distillation config of one cell.
-    pub fn distill_config(&self, mode: MatchMode, seed: u64) -> DistillConfig {
-        let s = &self.distill;
-        let mut config = DistillConfig::preset(s.preset, mode, s.ipc);
-        if let Some(iterations) = s.iterations {
-            config.iterations = iterations;
-        }
-        if let Some(width) = s.width {
-            config.model.width = width;
-        }
-        for (value, field) in [
-            (s.outer_loop, &mut config.outer_loop),
-            (s.inner_loop, &mut config.inner_loop),
-            (s.batch_real, &mut config.batch_real),
-        ] {
-            if let Some(v) = value {
-                *field = v;
+    /// The distillations of the grid: every method over every mode, in table order.
+    pub fn distillations(&self) -> Vec<Distilled> {
+        let mut out = Vec::new();
+        for method in MethodKind::ALL
+            .into_iter()
+            .filter(|m| self.methods.contains(m))
+        {
+            for mode in MatchMode::ALL
+                .into_iter()
+                .filter(|m| self.modes.contains(m))
+            {
+                out.push(Distilled { method, mode });
             }
         }
-        config.init = s.init;
-        config.seed = seed;
+        out
+    }
+
+    /// The distillation config of one cell: the method's preset for the cell's strata, with the
+    /// grid's overrides (the loop counts only where the method has loops).
+    pub fn distill_config(&self, distilled: Distilled, seed: u64) -> DistillConfig {
+        let s = &self.distill;
+        let mut config = DistillConfig::preset(distilled.method, s.preset, distilled.mode, s.ipc);
+        let shared = &mut config.settings;
+        if let Some(iterations) = s.iterations {
+            shared.iterations = iterations;
+        }
+        if let Some(width) = s.width {
+            shared.model.width = width;
+        }
+        if let Some(batch_real) = s.batch_real {
+            shared.batch_real = batch_real;
+        }
+        shared.init = s.init;
+        shared.seed = seed;
+        if let Some(dc) = config.method.dc_mut() {
+            for (value, field) in [
+                (s.outer_loop, &mut dc.outer_loop),
+                (s.inner_loop, &mut dc.inner_loop),
+            ] {
+                if let Some(v) = value {
+                    *field = v;
+                }
+            }
+        }
         config
     }
 
@@ -211,8 +245,14 @@ impl ReproduceConfig {
     /// Checks the grid and every step's settings; the error names the setting and the fix.
     pub fn validate(&self) -> Result<(), ReproduceError> {
         let invalid = |problem: String| Err(ReproduceError::InvalidConfig(problem));
-        if self.ratios.is_empty() || self.modes.is_empty() || self.seeds.is_empty() {
-            return invalid("the grid needs at least one ratio, one mode and one seed".into());
+        if self.ratios.is_empty()
+            || self.methods.is_empty()
+            || self.modes.is_empty()
+            || self.seeds.is_empty()
+        {
+            return invalid(
+                "the grid needs at least one ratio, one method, one mode and one seed".into(),
+            );
         }
         if let Some(r) = self.ratios.iter().find(|r| !(0.0..=1.0).contains(*r)) {
             return invalid(format!("ratio {r} is outside [0, 1]"));
@@ -220,6 +260,11 @@ impl ReproduceConfig {
         for (i, m) in self.modes.iter().enumerate() {
             if self.modes[..i].contains(m) {
                 return invalid(format!("mode {m} is listed twice"));
+            }
+        }
+        for (i, m) in self.methods.iter().enumerate() {
+            if self.methods[..i].contains(m) {
+                return invalid(format!("method {m} is listed twice"));
             }
         }
         for (i, r) in self.ratios.iter().enumerate() {
@@ -235,8 +280,8 @@ impl ReproduceConfig {
         if self.checkpoint_every == 0 {
             return invalid("checkpoint_every must be at least 1".into());
         }
-        for &mode in &self.modes {
-            self.distill_config(mode, 0).validate()?;
+        for distilled in self.distillations() {
+            self.distill_config(distilled, 0).validate()?;
         }
         for (what, eval) in [("eval", &self.eval), ("baseline", &self.baseline)] {
             if eval.n_models == 0 {
@@ -264,19 +309,25 @@ mod tests {
         }
         let paper = ReproduceConfig::preset(ReproducePreset::Paper);
         assert_eq!(paper.seeds.len(), 3);
-        let distill = paper.distill_config(MatchMode::Group, 2);
+        let dc = |mode| Distilled {
+            method: MethodKind::Dc,
+            mode,
+        };
+        let distill = paper.distill_config(dc(MatchMode::Group), 2).settings;
         assert_eq!((distill.model.width, distill.iterations), (128, 1000));
         assert_eq!(distill.seed, 2);
         // The quick grid is the protocol's small-scale comparison: width 32, loops 5/10, real
         // batch 64 per class, 20 iterations from noise; 2 ConvNets of width 32, 300 epochs, no
         // augmentation.
         let quick = ReproduceConfig::preset(ReproducePreset::Quick);
-        let class = quick.distill_config(MatchMode::Class, 0);
+        let class = quick.distill_config(dc(MatchMode::Class), 0);
+        let loops = class.method.dc().expect("a DC config");
+        let class = class.settings;
         assert_eq!(
             (
                 class.model.width,
-                class.outer_loop,
-                class.inner_loop,
+                loops.outer_loop,
+                loops.inner_loop,
                 class.batch_real,
                 class.iterations,
                 class.init

@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use debiasdd_distill::MatchMode;
 use debiasdd_eval::data::SyntheticSet;
 use image::{Rgb, RgbImage};
 use plotters::prelude::*;
@@ -12,8 +11,8 @@ use plotters::prelude::*;
 use crate::cell::{Cell, Method};
 use crate::config::ReproduceConfig;
 use crate::error::ReproduceError;
-use crate::report::MethodSummary;
-use crate::run::{CellResult, Paths};
+use crate::store::{CellResult, Paths};
+use crate::summary::MethodSummary;
 
 /// White gap between the panels of a Figure 2, in pixels.
 const PANEL_GAP: u32 = 16;
@@ -42,30 +41,30 @@ pub fn write_all(
     let dir = paths.out.join("figures");
     std::fs::create_dir_all(&dir).map_err(|e| ReproduceError::write(&dir, e))?;
     let mut written = Written {
-        synthetic_columns: MatchMode::ALL
+        synthetic_columns: config
+            .distillations()
             .into_iter()
-            .filter(|m| config.modes.contains(m))
-            .map(|m| Method::Distill(m).label().to_owned())
+            .map(|d| Method::Distill(d).label())
             .collect(),
         ..Written::default()
     };
     let seed = config.seeds[0];
     for &ratio in &config.ratios {
-        let sets: Vec<SyntheticSet> = config
-            .modes
+        let distillations = config.distillations();
+        let sets: Vec<SyntheticSet> = distillations
             .iter()
-            .filter_map(|&mode| {
+            .filter_map(|&distilled| {
                 let cell = Cell {
                     ratio,
                     seed,
-                    method: Method::Distill(mode),
+                    method: Method::Distill(distilled),
                 };
                 let done = cells.iter().any(|c| c.cell == cell);
                 let path = paths.cell_dir(&cell).join("synthetic.safetensors");
                 done.then(|| SyntheticSet::load(&path).ok()).flatten()
             })
             .collect();
-        if sets.len() == config.modes.len() {
+        if sets.len() == distillations.len() {
             let name = format!("figures/synthetic-r{ratio}.png");
             side_by_side(&sets)
                 .save(paths.out.join(&name))

@@ -7,9 +7,11 @@
 //! and `debiasdd-eval` (scoring) and is driven by `cargo xtask reproduce`. It does no network I/O
 //! and prints nothing: the grey MNIST files come in as a loader, progress goes out as [`Event`]s.
 //!
-//! [`config`] defines the grid and its presets, [`cell`] its cells, [`run`] executes them
-//! (resumable: a cell's folder holds its checkpoint and, once done, its `result.json`),
-//! [`report`] writes `results.json` / `results.md`, [`figures`] the pictures.
+//! The modules form a line, each using only those before it: [`config`] defines the grid and
+//! its presets, [`cell`] its cells and each cell's recipe, [`store`] where results live (paths,
+//! `result.json`, atomic writes), [`summary`] pools finished cells into table rows, [`figures`]
+//! draws them, [`report`] writes `results.json` / `results.md`, and [`run`] executes the cells
+//! (resumable: a cell's folder holds its checkpoint and, once done, its `result.json`).
 
 pub mod cell;
 pub mod config;
@@ -17,8 +19,11 @@ pub mod error;
 pub mod figures;
 pub mod report;
 pub mod run;
+pub mod store;
+pub mod summary;
 
 pub use cell::{Cell, Method, plan};
-pub use config::{DistillSettings, ReproduceConfig, ReproducePreset};
+pub use config::{DistillSettings, Distilled, ReproduceConfig, ReproducePreset};
 pub use error::ReproduceError;
-pub use run::{CellResult, Event, Outcome, Paths, run};
+pub use run::{Event, Outcome, run};
+pub use store::{CellResult, Paths};

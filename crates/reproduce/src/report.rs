@@ -5,16 +5,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use debiasdd_distill::MatchMode;
-use debiasdd_eval::metrics::{GroupMetrics, MetricSummary, Stat};
+use debiasdd_distill::{MatchMode, MethodKind};
+use debiasdd_eval::metrics::{MetricSummary, Stat};
 use debiasdd_eval::train::Sampling;
 use serde::{Deserialize, Serialize};
 
 use crate::cell::{Method, plan};
-use crate::config::ReproduceConfig;
+use crate::config::{Distilled, ReproduceConfig};
 use crate::error::ReproduceError;
 use crate::figures;
-use crate::run::{CellResult, Paths, collect, write_atomic, write_json};
+use crate::store::{CellResult, Paths, collect, write_atomic, write_json};
+use crate::summary::{MethodSummary, summarise};
 
 pub const RESULTS_FORMAT: &str = "debiasdd-results/1";
 
@@ -30,16 +31,6 @@ pub struct Results {
     pub summary: Vec<MethodSummary>,
 }
 
-/// One row of the tables: a method at one ratio, pooled over seeds and networks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MethodSummary {
-    pub method: Method,
-    pub label: String,
-    pub ratio: f64,
-    pub seeds: Vec<u64>,
-    pub summary: MetricSummary,
-}
-
 /// A published number and the method and ratio of ours it stands next to.
 #[derive(Debug, Clone, Copy)]
 pub struct Reference {
@@ -48,6 +39,14 @@ pub struct Reference {
     /// Unbiased test accuracy, %.
     pub accuracy: f64,
     pub setting: &'static str,
+}
+
+/// DC over the strata `mode`.
+fn dc(mode: MatchMode) -> Method {
+    Method::Distill(Distilled {
+        method: MethodKind::Dc,
+        mode,
+    })
 }
 
 /// The published numbers of the protocol (§4) that have a counterpart in the grid.
@@ -76,62 +75,31 @@ pub fn references() -> Vec<Reference> {
     }
     let fairdd = "FairDD protocol (ReBias palette, binarised digits, 60k train), ipc 10, width 128, 1000 iterations";
     refs.push(Reference {
-        method: Method::Distill(MatchMode::Class),
+        method: dc(MatchMode::Class),
         ratio: 0.1,
         accuracy: 71.4,
         setting: fairdd,
     });
     refs.push(Reference {
-        method: Method::Distill(MatchMode::ClassVsGroups),
+        method: dc(MatchMode::ClassVsGroups),
         ratio: 0.1,
         accuracy: 90.6,
         setting: fairdd,
     });
     let small = "official DC code, width 32, loops 5/10, real batch 64 per class or group, 20 iterations; 2 ConvNets, 300 epochs";
     refs.push(Reference {
-        method: Method::Distill(MatchMode::Class),
+        method: dc(MatchMode::Class),
         ratio: 0.01,
         accuracy: 28.7,
         setting: small,
     });
     refs.push(Reference {
-        method: Method::Distill(MatchMode::Group),
+        method: dc(MatchMode::Group),
         ratio: 0.01,
         accuracy: 73.7,
         setting: small,
     });
     refs
-}
-
-/// Pools the finished cells per (method, ratio), in table order.
-pub fn summarise(
-    config: &ReproduceConfig,
-    cells: &[CellResult],
-) -> Result<Vec<MethodSummary>, ReproduceError> {
-    let mut out = Vec::new();
-    for method in Method::all(config) {
-        for &ratio in &config.ratios {
-            let matching: Vec<&CellResult> = cells
-                .iter()
-                .filter(|c| c.cell.method == method && c.cell.ratio == ratio)
-                .collect();
-            if matching.is_empty() {
-                continue;
-            }
-            let runs: Vec<GroupMetrics> = matching
-                .iter()
-                .flat_map(|c| c.report.runs.iter().map(|r| r.metrics.clone()))
-                .collect();
-            out.push(MethodSummary {
-                method,
-                label: method.label().to_owned(),
-                ratio,
-                seeds: matching.iter().map(|c| c.cell.seed).collect(),
-                summary: MetricSummary::from_runs(&runs)?,
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// Rewrites `results.json`, `results.md` and the figures from the finished cells.
@@ -209,29 +177,41 @@ fn markdown(
         },
         compute / 60.0
     );
-    let d = config.distill_config(MatchMode::Class, 0);
-    let dg = config.distill_config(MatchMode::Group, 0);
+    let first = config.distillations()[0];
+    let d = config.distill_config(
+        Distilled {
+            mode: MatchMode::Class,
+            ..first
+        },
+        0,
+    );
+    let dg = config.distill_config(
+        Distilled {
+            mode: MatchMode::Group,
+            ..first
+        },
+        0,
+    );
     let _ = writeln!(
         md,
         "Settings: Colored MNIST preset `{}` ({} train images; the ratio is the share of \
-         bias-conflicting images per class); seeds {:?}. Distillation: ipc {}, width {}, loops \
-         {}/{}, {} iterations from {} init, real batch {} per class ({} per group in the \
-         group-based modes), distance `{}`. Distilled sets and random subsets of the same size are \
+         bias-conflicting images per class); seeds {:?}. Distillation ({}): ipc {}, width {}, \
+         {}, {} iterations from {} init, real batch {} per class ({} per group in the \
+         group-based modes). Distilled sets and random subsets of the same size are \
          scored by {} of width {} trained for E = {} epochs (E + 1 passes, as DC counts){}. \
          Full-data baselines: {} of width {}, {} over the train split. Mean ± std \
          over every network of every seed; all numbers on the unbiased test split.\n",
         config.cmnist.preset.name(),
         config.cmnist.train_size,
         config.seeds,
-        d.ipc,
-        d.model.width,
-        d.outer_loop,
-        d.inner_loop,
-        d.iterations,
-        d.init,
-        d.batch_real,
-        dg.batch_real,
-        d.distance,
+        d.method.kind().label(),
+        d.settings.ipc,
+        d.settings.model.width,
+        d.method.describe(),
+        d.settings.iterations,
+        d.settings.init,
+        d.settings.batch_real,
+        dg.settings.batch_real,
         count(config.eval.n_models, "ConvNet", "ConvNets"),
         model_width(&config.eval.model),
         config.eval.train.epochs,
@@ -246,7 +226,7 @@ fn markdown(
     );
     let lookup: BTreeMap<(String, String), &MethodSummary> = summary
         .iter()
-        .map(|s| ((s.method.slug().to_owned(), s.ratio.to_string()), s))
+        .map(|s| ((s.method.slug(), s.ratio.to_string()), s))
         .collect();
     type Pick = fn(&MetricSummary) -> Option<&Stat>;
     let tables: [(&str, Pick); 4] = [
@@ -269,7 +249,7 @@ fn markdown(
             let _ = write!(md, "| {} |", method.label());
             for r in &config.ratios {
                 let cell = lookup
-                    .get(&(method.slug().to_owned(), r.to_string()))
+                    .get(&(method.slug(), r.to_string()))
                     .map_or("—".to_owned(), |s| fmt_stat(pick(&s.summary)));
                 let _ = write!(md, " {cell} |");
             }
@@ -287,7 +267,7 @@ fn markdown(
             continue;
         }
         let ours = lookup
-            .get(&(r.method.slug().to_owned(), r.ratio.to_string()))
+            .get(&(r.method.slug(), r.ratio.to_string()))
             .map_or("—".to_owned(), |s| fmt_stat(Some(&s.summary.accuracy)));
         let _ = writeln!(
             md,

@@ -1,60 +1,27 @@
 //! The runner: datasets, then every cell not yet done, each leaving its files and a
 //! `result.json` in its own folder; the report is rewritten after every cell.
 //!
-//! Layout under `out`: `cells/<id>/` per cell (synthetic set or subset, distillation checkpoint
-//! and history, grid, heat map, `result.json`), and the report files of [`crate::report`].
-//! A cell with a `result.json` is done and never recomputed (unless its settings changed, which
-//! is an error); an interrupted distillation resumes from its checkpoint.
+//! Files go where [`crate::store`] says. A cell with a `result.json` is done and never
+//! recomputed (unless its settings changed, which is an error); an interrupted distillation
+//! resumes from its checkpoint through the same driver as `debiasdd distill`
+//! ([`debiasdd_distill::drive`]).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 use debiasdd_cmnist::{ColoredMnist, GreySource};
-use debiasdd_distill::Distiller;
+use debiasdd_distill::{Distiller, RunFiles, RunOutcome, drive};
 use debiasdd_eval::data::{ImageSet, Normalization, SyntheticSet, random_real_subset};
-use debiasdd_eval::evaluate::{EvalConfig, EvalProgress, EvalReport, evaluate};
-use debiasdd_groups::GroupSpec;
+use debiasdd_eval::evaluate::{EvalProgress, evaluate};
 use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
 
-use crate::cell::{Cell, Method, plan};
-use crate::config::ReproduceConfig;
+use crate::cell::{Cell, Method, eval_config, floor_size, plan, settings};
+use crate::config::{Distilled, ReproduceConfig};
 use crate::error::ReproduceError;
 use crate::report;
-
-/// Where a reproduction reads and writes.
-#[derive(Debug, Clone)]
-pub struct Paths {
-    /// The results folder (`results/<preset>` for `cargo xtask reproduce`).
-    pub out: PathBuf,
-    /// Where generated Colored MNIST files are cached (`data/cmnist`).
-    pub datasets: PathBuf,
-}
-
-impl Paths {
-    pub fn cell_dir(&self, cell: &Cell) -> PathBuf {
-        self.out.join("cells").join(cell.id())
-    }
-}
-
-/// What one finished cell measured; stored as its `result.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CellResult {
-    pub id: String,
-    pub cell: Cell,
-    pub label: String,
-    /// What produced the training set (distillation config, subset recipe, baseline sampling),
-    /// and how it was scored.
-    pub settings: serde_json::Value,
-    /// Seconds spent producing the training set (distillation over all sessions, subset draw).
-    pub produce_seconds: f64,
-    /// Seconds spent training and scoring the networks.
-    pub eval_seconds: f64,
-    pub report: EvalReport,
-}
+use crate::store::{CellResult, Paths, finished, write_json};
 
 /// What the runner tells its caller (progress bars, logs).
 #[derive(Debug)]
@@ -147,84 +114,6 @@ fn dataset(
     Ok(data)
 }
 
-/// The settings a cell's result depends on, as stored in its `result.json`.
-fn settings(config: &ReproduceConfig, cell: &Cell) -> serde_json::Value {
-    let eval = eval_config(config, cell);
-    let produce = match cell.method {
-        Method::Distill(mode) => serde_json::to_value(config.distill_config(mode, cell.seed)),
-        Method::Floor(stratify) => Ok(serde_json::json!({
-            "method": "random-real-subset",
-            "stratify": stratify,
-            "per_stratum": floor_size(config, stratify),
-            "seed": cell.seed,
-        })),
-        Method::Baseline(sampling) => Ok(serde_json::json!({ "sampling": sampling })),
-    }
-    .expect("configs serialise");
-    serde_json::json!({
-        "data": config.cmnist_config(cell.ratio, cell.seed),
-        "train_set": produce,
-        "eval": eval,
-    })
-}
-
-/// Images per class (class-stratified) or per group (group-stratified) of a floor: the size of
-/// the distilled set.
-fn floor_size(config: &ReproduceConfig, stratify: debiasdd_eval::data::Stratify) -> usize {
-    match stratify {
-        debiasdd_eval::data::Stratify::Class => config.distill.ipc,
-        debiasdd_eval::data::Stratify::Group => {
-            (config.distill.ipc / GroupSpec::COLORED_MNIST.n_attributes()).max(1)
-        }
-    }
-}
-
-fn eval_config(config: &ReproduceConfig, cell: &Cell) -> EvalConfig {
-    let mut eval = match cell.method {
-        Method::Baseline(sampling) => {
-            let mut e = config.baseline.clone();
-            e.train.sampling = sampling;
-            e
-        }
-        _ => config.eval.clone(),
-    };
-    eval.seed = cell.seed;
-    eval
-}
-
-/// The stored result of `cell`, if it is done with the current settings.
-fn finished(
-    config: &ReproduceConfig,
-    cell: &Cell,
-    paths: &Paths,
-) -> Result<Option<CellResult>, ReproduceError> {
-    let path = paths.cell_dir(cell).join("result.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| ReproduceError::read(&path, e))?;
-    let result: CellResult =
-        serde_json::from_str(&text).map_err(|e| ReproduceError::read(&path, e))?;
-    if result.settings != settings(config, cell) {
-        return Err(ReproduceError::StaleCell {
-            id: cell.id(),
-            dir: paths.cell_dir(cell),
-        });
-    }
-    Ok(Some(result))
-}
-
-/// Every finished result of the grid, in plan order.
-pub fn collect(config: &ReproduceConfig, paths: &Paths) -> Result<Vec<CellResult>, ReproduceError> {
-    let mut results = Vec::new();
-    for cell in plan(config) {
-        if let Some(result) = finished(config, &cell, paths)? {
-            results.push(result);
-        }
-    }
-    Ok(results)
-}
-
 /// Runs every unfinished cell of the grid, writing the report after each. `source` loads the
 /// grey MNIST files and is only called when a dataset must be generated. Setting `stop` makes
 /// the run end at the next safe point (after a distillation iteration, with a checkpoint; or
@@ -290,8 +179,7 @@ pub fn run(
             })?;
         match outcome {
             Some(result) => {
-                let path = paths.cell_dir(cell).join("result.json");
-                write_json(&path, &result)?;
+                write_json(&paths.result_file(cell), &result)?;
                 observer(Event::CellFinished {
                     cell,
                     result: &result,
@@ -302,21 +190,6 @@ pub fn run(
         }
     }
     Ok(Outcome::Complete)
-}
-
-/// Pretty JSON, written to a temporary file and renamed so that a crash never leaves half a file.
-pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ReproduceError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| ReproduceError::write(path, e))?;
-    write_atomic(path, text.as_bytes())
-}
-
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReproduceError> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| ReproduceError::write(parent, e))?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| ReproduceError::write(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ReproduceError::write(path, e))
 }
 
 /// What every step of one cell needs.
@@ -353,10 +226,10 @@ fn run_cell(
     let produce_started = Instant::now();
     // The set the networks are trained on, and the share of the cell's cost already behind.
     let (train, produce_seconds, produced_fraction) = match cell.method {
-        Method::Distill(mode) => {
+        Method::Distill(distilled) => {
             let fraction = cell.produce_cost(config) / cell.cost(config);
             let synthetic = run.dir.join("synthetic.safetensors");
-            if !synthetic.exists() && !run.distill(mode, fraction, observer)? {
+            if !synthetic.exists() && !run.distill(distilled, fraction, observer)? {
                 return Ok(None);
             }
             let set = SyntheticSet::load(&synthetic)?;
@@ -417,7 +290,7 @@ fn run_cell(
     Ok(Some(CellResult {
         id: cell.id(),
         cell: *cell,
-        label: cell.method.label().to_owned(),
+        label: cell.method.label(),
         settings: settings(config, cell),
         produce_seconds,
         eval_seconds: eval_started.elapsed().as_secs_f64(),
@@ -430,72 +303,47 @@ impl CellRun<'_> {
     /// interrupted. `share` is the part of the cell's cost the distillation makes up.
     fn distill(
         &self,
-        mode: debiasdd_distill::MatchMode,
+        distilled: Distilled,
         share: f64,
         observer: &mut dyn FnMut(Event<'_>),
     ) -> Result<bool, ReproduceError> {
         let (cell, dir) = (self.cell, &self.dir);
-        let distill = self.config.distill_config(mode, cell.seed);
+        let config = self.config.distill_config(distilled, cell.seed);
+        let iterations = config.settings.iterations;
         let checkpoint = dir.join("checkpoint.safetensors");
-        let history_path = dir.join("history.jsonl");
-        let mut distiller =
-            Distiller::new(distill.clone(), &self.data.train, self.device, DType::F32)?;
+        let history = dir.join("history.jsonl");
+        let mut distiller = Distiller::new(config, &self.data.train, self.device, DType::F32)?;
         if checkpoint.exists() {
             distiller.load_checkpoint(&checkpoint)?;
-            truncate_history(&history_path, distiller.iteration())?;
-        } else if history_path.exists() {
-            std::fs::remove_file(&history_path)
-                .map_err(|e| ReproduceError::write(&history_path, e))?;
         }
-        let mut history = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&history_path)
-            .map_err(|e| ReproduceError::write(&history_path, e))?;
-        while !distiller.is_done() {
-            if self.stop.load(Ordering::SeqCst) {
-                distiller.save_checkpoint(&checkpoint)?;
-                observer(Event::Interrupted {
-                    cell,
-                    checkpoint: Some(&checkpoint),
-                });
-                return Ok(false);
-            }
-            let stats = distiller.step()?;
-            let line = serde_json::to_string(&stats).expect("stats serialise");
-            writeln!(history, "{line}").map_err(|e| ReproduceError::write(&history_path, e))?;
-            if stats.iteration % self.config.checkpoint_every == 0 {
-                distiller.save_checkpoint(&checkpoint)?;
-            }
+        let files = RunFiles {
+            checkpoint: &checkpoint,
+            checkpoint_every: self.config.checkpoint_every,
+            history: Some(&history),
+        };
+        let outcome = drive(&mut distiller, files, self.stop, &mut |_, stats| {
             observer(Event::Progress {
                 cell,
-                fraction: share * stats.iteration as f64 / distill.iterations as f64,
+                fraction: share * stats.iteration as f64 / iterations as f64,
                 message: format!(
-                    "iteration {}/{}  loss {:.3}  {:.1} s/it",
-                    stats.iteration, distill.iterations, stats.loss, stats.seconds
+                    "iteration {}/{iterations}  loss {:.3}  {:.1} s/it",
+                    stats.iteration, stats.loss, stats.seconds
                 ),
             });
+            Ok(())
+        })?;
+        if outcome == RunOutcome::Interrupted {
+            observer(Event::Interrupted {
+                cell,
+                checkpoint: Some(&checkpoint),
+            });
+            return Ok(false);
         }
         let set = distiller.synthetic_set()?;
         debiasdd_distill::grid::save(&set, &dir.join("grid.png"))?;
-        distiller.save_checkpoint(&checkpoint)?;
         set.save(&dir.join("synthetic.safetensors"))?;
         Ok(true)
     }
-}
-
-/// Keeps the first `iterations` lines of a history (a resumed run repeats the ones after its
-/// checkpoint).
-fn truncate_history(path: &Path, iterations: usize) -> Result<(), ReproduceError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .take(iterations)
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(path, kept).map_err(|e| ReproduceError::write(path, e))
 }
 
 /// Total seconds of the iterations recorded in a history file.
