@@ -1,3 +1,6 @@
+//! The errors of reading grey MNIST, building Colored MNIST and reading and writing its files,
+//! each naming the file or value at fault and the fix.
+
 use std::path::PathBuf;
 
 /// Everything that can go wrong reading grey sources, building Colored MNIST, or reading and
