@@ -32,35 +32,7 @@ use crate::ops::{self, flip};
 use crate::{Activation, ConvNetConfig, Norm, Pooling, kernels};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
-/// Why a ConvNet configuration cannot be distilled with the hand-written backward pass, if it
-/// cannot.
-pub fn unsupported_reason(config: &ConvNetConfig) -> Option<String> {
-    if !matches!(config.norm, Norm::Instance | Norm::None) {
-        return Some(format!(
-            "norm `{}` is not supported by the distillation engine; use `instance` (the protocol's) or `none`",
-            config.norm
-        ));
-    }
-    if !matches!(config.activation, Activation::Relu | Activation::LeakyRelu) {
-        return Some(format!(
-            "activation `{}` is not supported by the distillation engine; use `relu` (the protocol's) or `leakyrelu`",
-            config.activation
-        ));
-    }
-    if !matches!(config.pooling, Pooling::Avg | Pooling::None) {
-        return Some(format!(
-            "pooling `{}` is not supported by the distillation engine; use `avg` (the protocol's) or `none`",
-            config.pooling
-        ));
-    }
-    if config.pooling == Pooling::Avg && config.block_sizes().iter().any(|s| s % 2 != 0) {
-        return Some(format!(
-            "feature-map sizes {:?} must all be even for average pooling",
-            config.block_sizes()
-        ));
-    }
-    None
-}
+pub use crate::convnet::unsupported_reason;
 
 /// How the convolutions are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +209,7 @@ pub fn forward(
     let mut a = xs.clone();
     for d in 0..config.depth {
         let p = &params[d * stride..(d + 1) * stride];
-        let pad = if d == 0 { config.first_padding() } else { 1 };
+        let pad = config.block_padding(d);
         let (n, _, h, w) = a.dims4()?;
         let o = p[0].dim(0)?;
         let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);
@@ -424,7 +396,7 @@ pub fn segment_gradients(
             None => dy,
         };
         grads[d * stride + 1] = Some(segment_sum(&dz.sum(2)?)?);
-        let pad = if d == 0 { config.first_padding() } else { 1 };
+        let pad = config.block_padding(d);
         let need_input_grad = d > 0;
         match path {
             ConvPath::Im2col => {
@@ -582,7 +554,7 @@ pub fn fused_segment_gradients(
     let mut a = xs.clone();
     for d in 0..config.depth {
         let p = &params[d * stride..(d + 1) * stride];
-        let pad = if d == 0 { config.first_padding() } else { 1 };
+        let pad = config.block_padding(d);
         let (n, c, h, w) = a.dims4()?;
         let o = p[0].dim(0)?;
         let (ho, wo) = (h + 2 * pad - 2, w + 2 * pad - 2);

@@ -50,6 +50,7 @@
 //!   memory); the library cannot choose its process's allocator.
 
 pub mod config;
+pub mod convnet;
 pub mod device;
 pub mod error;
 pub mod grads;

@@ -463,7 +463,7 @@ fn forward_pass<T: Real>(
             c,
             h,
             w,
-            pad: if d == 0 { config.first_padding() } else { 1 },
+            pad: config.block_padding(d),
             o,
         };
         let (hw, k) = (s.hw(), s.k());
@@ -983,7 +983,7 @@ fn second_order<T: Real>(
             c,
             h,
             w,
-            pad: if d == 0 { config.first_padding() } else { 1 },
+            pad: config.block_padding(d),
             o,
         };
         let (hw, k) = (s.hw(), s.k());

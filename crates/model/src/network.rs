@@ -11,6 +11,7 @@ use crate::config::{
     Activation, ConvNetConfig, GROUP_NORM_GROUPS, LeNetConfig, MlpConfig, ModelConfig, Norm,
     Pooling,
 };
+use crate::convnet::ConvNetLayout;
 use crate::error::ModelError;
 use crate::layers::{BatchNorm2d, Conv2d, GroupNorm, LayerNorm, Linear, Norm2d, activate, pool2d};
 
@@ -47,12 +48,19 @@ impl ConvNet {
         device: &Device,
         dtype: DType,
     ) -> candle_core::Result<Self> {
-        let mut blocks = Vec::with_capacity(config.depth);
-        let mut in_channels = config.in_channels;
-        for (d, size) in config.block_sizes().into_iter().enumerate() {
-            let padding = if d == 0 { config.first_padding() } else { 1 };
-            let conv = Conv2d::new(in_channels, config.width, 3, padding, rng, device, dtype)?;
-            let c = config.width;
+        let layout = ConvNetLayout::new(config);
+        let mut blocks = Vec::with_capacity(layout.blocks.len());
+        for b in &layout.blocks {
+            let conv = Conv2d::new(
+                b.in_channels,
+                b.out_channels,
+                3,
+                b.padding,
+                rng,
+                device,
+                dtype,
+            )?;
+            let (c, size) = (b.out_channels, b.conv_side);
             let norm = match config.norm {
                 Norm::Instance => Some(Norm2d::Group(GroupNorm::new(c, c, device, dtype)?)),
                 Norm::Group => Some(Norm2d::Group(GroupNorm::new(
@@ -71,9 +79,8 @@ impl ConvNet {
                 activation: config.activation,
                 pooling: config.pooling,
             });
-            in_channels = config.width;
         }
-        let classifier = Linear::new(config.feature_dim(), config.n_classes, rng, device, dtype)?;
+        let classifier = Linear::new(layout.feature_dim(), layout.n_classes, rng, device, dtype)?;
         Ok(Self { blocks, classifier })
     }
 
