@@ -18,7 +18,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use debiasdd_cmnist::colored::Split;
-use debiasdd_distill::grads::{self, ConvPath, Segments};
+use debiasdd_distill::backend::{Route, Segments};
 use debiasdd_distill::{Distance, DistillConfig, Distiller, MatchMode, MatchingTarget, Preset};
 use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::{Rng, SeedableRng};
@@ -79,7 +79,7 @@ fn matching_step(c: &mut Criterion) {
 /// DC's matching-loss gradient for one class: 256 real and 10 synthetic images.
 fn one_class_matching(c: &mut Criterion) {
     let device = Device::Cpu;
-    let path = ConvPath::for_device(&device);
+    let route = Route::select(&device, DType::F32, &ConvNetConfig::default()).expect("a route");
     for width in [128, 32] {
         let config = ConvNetConfig {
             width,
@@ -107,11 +107,10 @@ fn one_class_matching(c: &mut Criterion) {
         group.sample_size(10);
         group.bench_function("one_class", |b| {
             b.iter(|| {
-                let g_real = grads::untracked_segment_gradients(
-                    &config, &params, &real, &real_y, &real_seg, path,
-                )
-                .unwrap()
-                .grads;
+                let g_real = route
+                    .segment_gradients(&config, &params, &real, &real_y, &real_seg)
+                    .unwrap()
+                    .grads;
                 let target = MatchingTarget::new(
                     config.clone(),
                     Distance::Ours,
@@ -119,7 +118,7 @@ fn one_class_matching(c: &mut Criterion) {
                     g_real,
                     syn_y.clone(),
                     syn_seg.clone(),
-                    path,
+                    route,
                 );
                 let loss = target.loss(syn.as_tensor()).unwrap();
                 let g = loss.backward().unwrap();

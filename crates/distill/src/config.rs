@@ -258,7 +258,7 @@ impl DistillConfig {
                 field: "model",
                 problem: e.to_string(),
             })?;
-        if let Some(reason) = crate::grads::unsupported_reason(&self.model) {
+        if let Some(reason) = debiasdd_model::convnet::unsupported_reason(&self.model) {
             return invalid("model", reason);
         }
         Ok(())

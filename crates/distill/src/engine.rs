@@ -26,10 +26,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, TensorView};
 
+use crate::backend::{ConvPath, Route, Segments, candle_ops};
 use crate::config::{DistillConfig, Init, MatchMode};
 use crate::distance::distance;
 use crate::error::DistillError;
-use crate::grads::{self, ConvPath, Segments};
 use crate::native_loss::NativeMatchingLoss;
 
 const SIDE: usize = 28;
@@ -224,7 +224,7 @@ impl<'a> Stopwatch<'a> {
 #[derive(Debug, Clone)]
 pub struct MatchingTarget {
     model: debiasdd_model::ConvNetConfig,
-    path: ConvPath,
+    route: Route,
     distance: crate::Distance,
     params: Vec<Tensor>,
     /// One tensor per parameter, (terms, *shape).
@@ -249,11 +249,11 @@ impl MatchingTarget {
         g_real: Vec<Tensor>,
         syn_labels: Tensor,
         syn_segments: Segments,
-        path: ConvPath,
+        route: Route,
     ) -> Self {
         Self {
             model,
-            path,
+            route,
             distance,
             params,
             g_real,
@@ -268,7 +268,7 @@ impl MatchingTarget {
     /// differentiable with respect to `syn` when it is a variable. On the CPU one op whose
     /// gradient comes from the native kernels (`native_loss`); elsewhere [`Self::loss_by_ops`].
     pub fn loss(&self, syn: &Tensor) -> Result<Tensor, DistillError> {
-        if self.path == ConvPath::Im2col && NativeMatchingLoss::applies(syn, &self.params) {
+        if self.route.native_second_order() {
             let op = NativeMatchingLoss {
                 model: self.model.clone(),
                 distance: self.distance,
@@ -288,14 +288,15 @@ impl MatchingTarget {
     /// differentiated by candle's autograd): the route on every device but the CPU, and the
     /// reference the CPU route is tested against.
     pub fn loss_by_ops(&self, syn: &Tensor) -> Result<Tensor, DistillError> {
-        let fwd = grads::forward(&self.model, &self.params, syn, self.path)?;
-        let g_syn = grads::segment_gradients(
+        let path = self.route.conv_path();
+        let fwd = candle_ops::forward(&self.model, &self.params, syn, path)?;
+        let g_syn = candle_ops::segment_gradients(
             &self.model,
             &self.params,
             &fwd,
             &self.syn_labels,
             &self.syn_segments,
-            self.path,
+            path,
         )?;
         let g_syn = select_rows(g_syn, self.syn_index.as_ref())?;
         Ok(distance(self.distance, &g_syn, &self.g_real)?)
@@ -325,7 +326,7 @@ pub struct Distiller {
     dtype: DType,
     /// Most real images per pass [`REAL_PASS_BUDGET`] / width unless set.
     real_pass_images: Option<usize>,
-    path: ConvPath,
+    route: Route,
 }
 
 impl Distiller {
@@ -363,7 +364,8 @@ impl Distiller {
             syn_index,
             real_index,
             syn_labels,
-            path: ConvPath::for_device(device),
+            route: Route::select(device, dtype, &config.model)
+                .unwrap_or(Route::candle_ops(ConvPath::Candle)),
             config,
             plan,
             real,
@@ -376,9 +378,10 @@ impl Distiller {
         })
     }
 
-    /// Uses candle's `conv2d` instead of im2col on the CPU (slower; for cross-checks).
-    pub fn with_conv_path(mut self, path: ConvPath) -> Self {
-        self.path = path;
+    /// Forces a route, e.g. `Route::candle_ops(ConvPath::Candle)`: candle's `conv2d` instead of
+    /// the native kernels on the CPU (slower; for cross-checks).
+    pub fn with_route(mut self, route: Route) -> Self {
+        self.route = route;
         self
     }
 
@@ -535,7 +538,8 @@ impl Distiller {
             let y = real_y.narrow(0, start, n)?;
             let segments = Segments::new(lens)?;
             parts.push(
-                grads::untracked_segment_gradients(&c.model, params, &x, &y, &segments, self.path)?
+                self.route
+                    .segment_gradients(&c.model, params, &x, &y, &segments)?
                     .grads,
             );
             start += n;
@@ -549,7 +553,7 @@ impl Distiller {
         };
         Ok(MatchingTarget {
             model: c.model.clone(),
-            path: self.path,
+            route: self.route,
             distance: c.distance,
             params: params.to_vec(),
             g_real: select_rows(g_real, self.real_index.as_ref())?,
@@ -598,7 +602,7 @@ impl Distiller {
                     .map(|&i| self.plan.syn_labels[i as usize])
                     .collect();
                 let y = label_tensor(&labels, &self.device)?;
-                let (g, _) = grads::batch_gradients(&c.model, params, &x, &y, self.path)?;
+                let (g, _) = self.route.batch_gradients(&c.model, params, &x, &y)?;
                 for (p, g) in params.iter_mut().zip(g) {
                     *p = (&*p - (g * c.lr_net)?)?;
                 }

@@ -3,8 +3,9 @@
 //!
 //! Sits above the data layer (`debiasdd-cmnist`, `debiasdd-groups`), the networks
 //! (`debiasdd-model`) and the synthetic-set format of `debiasdd-eval`; the binary and `xtask` drive
-//! it. [`grads`] (re-exported from `debiasdd-model`) is the hand-written, differentiable ConvNet
-//! backward pass that gives exact second-order gradients, [`distance`] the matching distances,
+//! it. [`backend`] (re-exported from `debiasdd-model`) holds the hand-written ConvNet passes
+//! (native CPU, differentiable candle ops that give exact second-order gradients, fused CUDA)
+//! and the route that picks them, [`distance`] the matching distances,
 //! [`engine`] the distillation loop with checkpoints, [`grid`] the picture of the synthetic set.
 //!
 //! ```no_run
@@ -27,7 +28,7 @@ pub mod config;
 pub mod distance;
 pub mod engine;
 pub mod error;
-pub use debiasdd_model::grads;
+pub use debiasdd_model::backend;
 pub mod grid;
 mod native_loss;
 

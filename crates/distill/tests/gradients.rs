@@ -3,8 +3,9 @@
 //! the matching loss with respect to the synthetic pixels (second order), in f64.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use debiasdd_distill::backend::candle_ops as grads;
+use debiasdd_distill::backend::{ConvPath, Segments};
 use debiasdd_distill::distance::{Distance, distance};
-use debiasdd_distill::grads::{self, ConvPath, Segments};
 use debiasdd_model::{Activation, ConvNetConfig, ModelConfig, Network, Norm, Pooling};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use rand::Rng;
 
+use crate::backend::Route;
 use crate::config::{
     Activation, ConvNetConfig, GROUP_NORM_GROUPS, LeNetConfig, MlpConfig, ModelConfig, Norm,
     Pooling,
@@ -267,19 +268,18 @@ impl Network {
     }
 
     /// Logits for inference, `(N, n_classes)`, tracked by no gradient: `forward_t(xs, false)`
-    /// (batch norm on its running statistics). A ConvNet on the CPU in f32 or f64 whose layers
-    /// the native kernels implement runs [`crate::native::logits`], the same mathematics without
-    /// candle's per-op buffers; every other network and device goes through `forward_t`.
+    /// (batch norm on its running statistics). A ConvNet for which
+    /// [`crate::backend::Route::select`] picks a route (on the CPU in f32 or f64: the native
+    /// kernels) runs that route's logits, the same mathematics without candle's per-op buffers;
+    /// every other network goes through `forward_t`.
     pub fn predict_logits(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         self.check_input(xs)?;
         let xs = xs.detach();
         if let ModelConfig::ConvNet(config) = &self.config
-            && crate::grads::unsupported_reason(config).is_none()
+            && let Some(route) = Route::select(&self.device, self.dtype, config)
         {
             let params: Vec<Tensor> = self.vars().iter().map(|v| v.as_detached_tensor()).collect();
-            if crate::native::supports(&xs, &params) {
-                return crate::native::logits(config, &params, &xs);
-            }
+            return route.logits(config, &params, &xs);
         }
         Ok(self.forward_t(&xs, false)?.detach())
     }
