@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles `src/kernels/cuda.cu` to PTX with `nvcc` (the `NVCC`
+//! With the `cuda` feature, compiles `src/backend/cuda/kernels.cu` to PTX with `nvcc` (the `NVCC`
 //! variable, else `nvcc` on the PATH) for compute capability `CUDA_COMPUTE_CAP` (default 75; the
 //! driver compiles PTX for newer cards when it loads it). Without the feature it does nothing.
 
@@ -7,7 +7,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/kernels/cuda.cu");
+    println!("cargo:rerun-if-changed=src/backend/cuda/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -23,13 +23,13 @@ fn main() {
         .arg(format!("-arch=compute_{cap}"))
         .arg("-o")
         .arg(&out)
-        .arg("src/kernels/cuda.cu")
+        .arg("src/backend/cuda/kernels.cu")
         .status()
         .unwrap_or_else(|e| {
-            panic!("the `cuda` feature needs nvcc to build src/kernels/cuda.cu; running `{nvcc}` failed: {e} (set NVCC or put nvcc on the PATH)")
+            panic!("the `cuda` feature needs nvcc to build src/backend/cuda/kernels.cu; running `{nvcc}` failed: {e} (set NVCC or put nvcc on the PATH)")
         });
     assert!(
         status.success(),
-        "nvcc failed on src/kernels/cuda.cu ({status})"
+        "nvcc failed on src/backend/cuda/kernels.cu ({status})"
     );
 }

@@ -21,7 +21,7 @@ use debiasdd_cmnist::colored::Split;
 use debiasdd_distill::{
     Distance, DistillConfig, Distiller, MatchMode, MatchingTarget, MethodKind, Preset,
 };
-use debiasdd_model::grads::{self, ConvPath, Segments};
+use debiasdd_model::backend::{Route, Segments};
 use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
@@ -82,7 +82,7 @@ fn matching_step(c: &mut Criterion) {
 /// DC's matching-loss gradient for one class: 256 real and 10 synthetic images.
 fn one_class_matching(c: &mut Criterion) {
     let device = Device::Cpu;
-    let path = ConvPath::for_device(&device);
+    let route = Route::select(&device, DType::F32, &ConvNetConfig::default()).expect("a route");
     for width in [128, 32] {
         let config = ConvNetConfig {
             width,
@@ -110,11 +110,10 @@ fn one_class_matching(c: &mut Criterion) {
         group.sample_size(10);
         group.bench_function("one_class", |b| {
             b.iter(|| {
-                let g_real = grads::untracked_segment_gradients(
-                    &config, &params, &real, &real_y, &real_seg, path,
-                )
-                .unwrap()
-                .grads;
+                let g_real = route
+                    .segment_gradients(&config, &params, &real, &real_y, &real_seg)
+                    .unwrap()
+                    .grads;
                 let target = MatchingTarget::new(
                     config.clone(),
                     Distance::Ours,
@@ -122,7 +121,7 @@ fn one_class_matching(c: &mut Criterion) {
                     g_real,
                     syn_y.clone(),
                     syn_seg.clone(),
-                    path,
+                    route,
                 );
                 let loss = target.loss(syn.as_tensor()).unwrap();
                 let g = loss.backward().unwrap();

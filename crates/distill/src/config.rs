@@ -154,7 +154,7 @@ impl Settings {
         self.model
             .validate()
             .map_err(|e| invalid("model", e.to_string()))?;
-        if let Some(reason) = debiasdd_model::grads::unsupported_reason(&self.model) {
+        if let Some(reason) = debiasdd_model::convnet::unsupported_reason(&self.model) {
             return Err(invalid("model", reason));
         }
         Ok(())

@@ -17,7 +17,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use debiasdd_cmnist::colored::Split;
 use debiasdd_eval::data::{ImageSet, Normalization, SyntheticSet};
-use debiasdd_model::grads::ConvPath;
+use debiasdd_model::backend::{ConvPath, Route};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -96,7 +96,7 @@ pub struct Distiller<M: Matcher = Box<dyn Matcher>> {
     pub(crate) iteration: usize,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
-    conv_path: ConvPath,
+    route: Route,
 }
 
 impl Distiller {
@@ -145,7 +145,10 @@ impl<M: Matcher> Distiller<M> {
         let synthetic = initial_synthetic(&settings, &plan, &real_images, device, dtype)?;
         let momentum = synthetic.zeros_like()?;
         Ok(Self {
-            conv_path: ConvPath::for_device(device),
+            // Settings::validate refused every network the hand-written passes do not cover;
+            // other dtypes than f32 / f64 take candle's ops.
+            route: Route::select(device, dtype, &settings.model)
+                .unwrap_or(Route::candle_ops(ConvPath::Candle)),
             settings,
             matcher,
             plan,
@@ -159,9 +162,10 @@ impl<M: Matcher> Distiller<M> {
         })
     }
 
-    /// Uses candle's `conv2d` instead of im2col on the CPU (slower; for cross-checks).
-    pub fn with_conv_path(mut self, path: ConvPath) -> Self {
-        self.conv_path = path;
+    /// Forces a route, e.g. `Route::candle_ops(ConvPath::Candle)`: candle's `conv2d` instead of
+    /// the native kernels on the CPU (slower; for cross-checks).
+    pub fn with_route(mut self, route: Route) -> Self {
+        self.route = route;
         self
     }
 
@@ -182,7 +186,7 @@ impl<M: Matcher> Distiller<M> {
             plan: &self.plan,
             device: &self.device,
             dtype: self.dtype,
-            conv_path: self.conv_path,
+            route: self.route,
         }
     }
 
@@ -277,7 +281,7 @@ impl<M: Matcher> Distiller<M> {
             plan: &self.plan,
             device: &self.device,
             dtype: self.dtype,
-            conv_path: self.conv_path,
+            route: self.route,
         };
         self.matcher.begin_iteration(&problem, &mut rng)?;
         let steps = self.matcher.steps();

@@ -17,7 +17,7 @@
 //! written outside the crate, run by the unchanged loop, checkpoints and driver.
 
 use candle_core::{DType, Device, Tensor};
-use debiasdd_model::grads::ConvPath;
+use debiasdd_model::backend::Route;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::Settings;
@@ -33,8 +33,8 @@ pub struct Problem<'a> {
     pub plan: &'a MatchingPlan,
     pub device: &'a Device,
     pub dtype: DType,
-    /// How the differentiable candle-op passes compute their convolutions on this device.
-    pub conv_path: ConvPath,
+    /// Which backend runs the network's passes on this device, dtype and network.
+    pub route: Route,
 }
 
 /// One step's matching loss as a function of the synthetic images.

@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use candle_core::{Device, Tensor};
 use debiasdd_groups::{GroupIndex, GroupSpec};
-use debiasdd_model::grads::Segments;
+use debiasdd_model::backend::Segments;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 

@@ -6,7 +6,7 @@ use debiasdd_cmnist::colored::Split;
 use debiasdd_distill::{
     Dc, DistillConfig, DistillError, Distiller, Init, MatchMode, MethodKind, Preset,
 };
-use debiasdd_model::grads::ConvPath;
+use debiasdd_model::backend::{ConvPath, Route};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -220,8 +220,8 @@ fn conv_paths_agree_on_a_whole_iteration() -> anyhow::Result<()> {
     let split = tiny_split(None);
     let config = tiny_config(MatchMode::Group);
     let mut a = Distiller::new(config.clone(), &split, &Device::Cpu, DType::F64)?;
-    let mut b =
-        Distiller::new(config, &split, &Device::Cpu, DType::F64)?.with_conv_path(ConvPath::Candle);
+    let mut b = Distiller::new(config, &split, &Device::Cpu, DType::F64)?
+        .with_route(Route::candle_ops(ConvPath::Candle));
     let (la, lb) = (a.step()?.loss, b.step()?.loss);
     assert!((la - lb).abs() < 1e-10 * la.abs().max(1.0), "{la} vs {lb}");
     let worst = max_abs_diff(a.images(), b.images());

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use debiasdd_distill::dc::distance::{Distance, distance};
-use debiasdd_model::grads::{self, ConvPath, Segments};
+use debiasdd_model::backend::{ConvPath, Segments, candle_ops as grads};
 use debiasdd_model::{Activation, ConvNetConfig, ModelConfig, Network, Norm, Pooling};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

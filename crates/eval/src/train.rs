@@ -10,7 +10,7 @@
 
 use candle_core::{D, DType, Device, Tensor};
 use debiasdd_groups::{GroupIndex, GroupSpec};
-use debiasdd_model::grads::{self, ConvPath, Segments};
+use debiasdd_model::backend::{Route, Segments};
 use debiasdd_model::optim::{Sgd, SgdConfig};
 use debiasdd_model::{ModelConfig, Network};
 use rand::distr::Distribution;
@@ -125,8 +125,9 @@ pub struct EpochReport {
 /// draws, augmentation) comes from `seed`. `on_epoch` sees each epoch's report (progress bars,
 /// logs). Returns the last epoch's report.
 ///
-/// ConvNets that `debiasdd_model::grads` supports (instance norm or none, ReLU, average pooling:
-/// the protocol's) are trained with that explicit backward pass, about three times faster on
+/// ConvNets for which `debiasdd_model::backend::Route::select` finds a route (instance norm or
+/// none, ReLU, average pooling: the protocol's; f32 or f64) are trained with that explicit
+/// backward pass, about three times faster on
 /// the CPU than candle's autograd; other networks with autograd. Both give the same updates up to
 /// rounding (tested).
 pub fn train_network(
@@ -137,21 +138,21 @@ pub fn train_network(
     seed: u64,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<EpochReport, EvalError> {
-    let explicit = match net.config() {
-        ModelConfig::ConvNet(c) => grads::unsupported_reason(c).is_none(),
-        _ => false,
+    let route = match net.config() {
+        ModelConfig::ConvNet(c) => Route::select(net.device(), net.dtype(), c),
+        _ => None,
     };
-    train_network_with(net, set, norm, config, seed, explicit, on_epoch)
+    train_network_with(net, set, norm, config, seed, route, on_epoch)
 }
 
-/// [`train_network`] with the choice of backward pass made by the caller.
+/// [`train_network`] with the choice of backward pass made by the caller (`None`: autograd).
 fn train_network_with(
     net: &Network,
     set: &ImageSet,
     norm: &Normalization,
     config: &TrainConfig,
     seed: u64,
-    explicit_backward: bool,
+    route: Option<Route>,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<EpochReport, EvalError> {
     config.validate()?;
@@ -191,14 +192,12 @@ fn train_network_with(
             let xs = Tensor::from_vec(xs, shape, net.device())?.to_dtype(net.dtype())?;
             let ys: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
             let ys = Tensor::from_vec(ys, batch.len(), net.device())?;
-            let (logits, loss) = match (explicit_backward, net.config()) {
-                (true, ModelConfig::ConvNet(c)) => {
-                    let path = ConvPath::for_device(net.device());
+            let (logits, loss) = match (route, net.config()) {
+                (Some(route), ModelConfig::ConvNet(c)) => {
                     let params: Vec<Tensor> =
                         net.vars().iter().map(|v| v.as_detached_tensor()).collect();
                     let segments = Segments::uniform(1, batch.len())?;
-                    let out =
-                        grads::untracked_segment_gradients(c, &params, &xs, &ys, &segments, path)?;
+                    let out = route.segment_gradients(c, &params, &xs, &ys, &segments)?;
                     let g = out
                         .grads
                         .into_iter()
@@ -308,8 +307,9 @@ mod tests {
             Network::new(&model, &mut rng, &Device::Cpu, DType::F64).unwrap()
         };
         let (a, b) = (build(), build());
-        let ra = train_network_with(&a, &set, &norm, &config, 3, true, &mut |_| {})?;
-        let rb = train_network_with(&b, &set, &norm, &config, 3, false, &mut |_| {})?;
+        let route = Some(Route::native());
+        let ra = train_network_with(&a, &set, &norm, &config, 3, route, &mut |_| {})?;
+        let rb = train_network_with(&b, &set, &norm, &config, 3, None, &mut |_| {})?;
         assert!(
             (ra.loss - rb.loss).abs() < 1e-9,
             "{} vs {}",

@@ -9,9 +9,9 @@
 //!
 //! Three ways to the same parameter gradients: `forward_backward` goes through candle's autograd;
 //! `forward_backward_explicit` through the hand-written backward pass in candle ops
-//! (`debiasdd_model::grads`, what tracked synthetic images use); `forward_backward_native`
-//! through the native CPU kernels (`debiasdd_model::native`, what the engine and the evaluator
-//! use for everything untracked). Their ids match the PyTorch reference's, so `cargo xtask bench`
+//! (`debiasdd_model::backend::candle_ops`, what tracked synthetic images use);
+//! `forward_backward_native` through the native CPU kernels (`debiasdd_model::backend::cpu`, what
+//! the engine and the evaluator use for everything untracked). Their ids match the PyTorch reference's, so `cargo xtask bench`
 //! puts PyTorch's `forward_backward` beside each.
 //!
 //! Like the `debiasdd` and `xtask` binaries, the bench runs on mimalloc, which keeps freed memory
@@ -21,7 +21,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use debiasdd_model::{ConvNetConfig, ModelConfig, Network, grads};
+use debiasdd_model::backend::{Route, Segments, candle_ops};
+use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::hint::black_box;
@@ -75,26 +76,28 @@ fn bench_convnet(c: &mut Criterion) {
                 grads
             })
         });
-        // The same gradients through the explicit backward pass (`debiasdd_model::grads`), which
+        // The same gradients through the explicit backward pass (`backend::candle_ops`), which
         // the evaluator and the distillation engine use for ConvNets.
         let params: Vec<Tensor> = net.vars().iter().map(|v| v.as_detached_tensor()).collect();
         let ModelConfig::ConvNet(config) = net.config().clone() else {
             unreachable!("a ConvNet")
         };
-        let path = grads::ConvPath::for_device(&device);
-        let segments = grads::Segments::uniform(1, BATCH).expect("segments");
+        let route = Route::select(&device, DType::F32, &config).expect("a route");
+        let path = route.conv_path();
+        let segments = Segments::uniform(1, BATCH).expect("segments");
         group.bench_function("forward_backward_explicit", |b| {
             b.iter(|| {
-                let fwd = grads::forward(&config, &params, black_box(&images), path).unwrap();
-                let g = grads::segment_gradients(&config, &params, &fwd, &labels, &segments, path)
-                    .unwrap();
+                let fwd = candle_ops::forward(&config, &params, black_box(&images), path).unwrap();
+                let g =
+                    candle_ops::segment_gradients(&config, &params, &fwd, &labels, &segments, path)
+                        .unwrap();
                 device.synchronize().unwrap();
                 g
             })
         });
         group.bench_function("forward_backward_native", |b| {
             b.iter(|| {
-                debiasdd_model::native::segment_gradients(
+                debiasdd_model::backend::cpu::segment_gradients(
                     &config,
                     &params,
                     black_box(&images),

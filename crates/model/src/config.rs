@@ -1,5 +1,6 @@
 //! Network configs: serde structs with `Default`s that reproduce the DC code's networks, and the
-//! one place they are validated ([`ModelConfig::validate`], called by `Network::new`).
+//! one place they are validated ([`ModelConfig::validate`], called by `Network::new`; the
+//! ConvNet's checks sit with its shape rules in [`crate::convnet`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -120,7 +121,9 @@ named_enum!(Pooling, "pooling", [
 /// DC's ConvNet: `depth` blocks of [conv 3x3 -> norm -> activation -> pooling], then flatten and
 /// one linear layer. The first conv of a 28x28 input uses padding 3 (28 -> 32, whatever the
 /// channel count) and every other conv padding 1, so the defaults give feature maps of
-/// 32/16/8/4 and a 128*4*4 = 2048 -> 10 classifier.
+/// 32/16/8/4 and a 128*4*4 = 2048 -> 10 classifier. The shape rules (`block_padding`,
+/// `block_sizes`, `feature_dim`, ...) and `validate` are in [`crate::convnet`], with the layout
+/// every pass reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConvNetConfig {
@@ -149,78 +152,6 @@ impl Default for ConvNetConfig {
             activation: Activation::Relu,
             pooling: Pooling::Avg,
         }
-    }
-}
-
-impl ConvNetConfig {
-    /// Padding of the first conv: 3 for 28x28 input (so that it becomes 32x32), else 1.
-    pub fn first_padding(&self) -> usize {
-        if self.image_size == 28 { 3 } else { 1 }
-    }
-
-    /// Side of the feature map each block's conv produces (what its norm sees), block by block.
-    /// Defaults: `[32, 16, 8]`.
-    pub fn block_sizes(&self) -> Vec<usize> {
-        let mut size = self.image_size + 2 * self.first_padding() - 2;
-        let mut sizes = Vec::with_capacity(self.depth);
-        for _ in 0..self.depth {
-            sizes.push(size);
-            if self.pooling != Pooling::None {
-                size /= 2;
-            }
-        }
-        sizes
-    }
-
-    /// Side of the feature map entering the classifier (defaults: 4).
-    pub fn output_size(&self) -> usize {
-        let size = self.image_size + 2 * self.first_padding() - 2;
-        match self.pooling {
-            Pooling::None => size,
-            _ => size >> self.depth.min(usize::BITS as usize - 1),
-        }
-    }
-
-    /// Length of the flattened features entering the classifier (defaults: 2048).
-    pub fn feature_dim(&self) -> usize {
-        self.width * self.output_size() * self.output_size()
-    }
-
-    /// Checks sizes, depth against image size, and group norm's divisibility.
-    pub fn validate(&self) -> Result<(), ModelError> {
-        let model = "convnet";
-        for (field, value) in [
-            ("in_channels", self.in_channels),
-            ("image_size", self.image_size),
-            ("n_classes", self.n_classes),
-            ("width", self.width),
-            ("depth", self.depth),
-        ] {
-            if value == 0 {
-                return Err(ModelError::Zero { model, field });
-            }
-        }
-        if self.pooling != Pooling::None {
-            let first = self.image_size + 2 * self.first_padding() - 2;
-            let max_depth = first.checked_ilog2().unwrap_or(0) as usize;
-            if self.depth > max_depth {
-                let block = max_depth;
-                return Err(ModelError::TooDeep {
-                    depth: self.depth,
-                    image_size: self.image_size,
-                    block,
-                    size: first >> block,
-                    max_depth,
-                });
-            }
-        }
-        if self.norm == Norm::Group && self.width % GROUP_NORM_GROUPS != 0 {
-            return Err(ModelError::GroupsDoNotDivide {
-                width: self.width,
-                groups: GROUP_NORM_GROUPS,
-            });
-        }
-        Ok(())
     }
 }
 

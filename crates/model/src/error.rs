@@ -73,6 +73,22 @@ pub enum ModelError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// A ConvNet pass got the wrong number of parameter tensors.
+    #[error(
+        "convnet: expected {expected} parameter tensors, got {found}; pass them in \
+         `Network::parameters` order"
+    )]
+    ParamCount { expected: usize, found: usize },
+    /// A ConvNet pass got a parameter tensor of the wrong shape.
+    #[error(
+        "convnet: `{name}` has shape {found:?}, expected {expected:?}; pass the parameters in \
+         `Network::parameters` order, of a network built from the same config"
+    )]
+    ParamShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     /// Reading or writing a weight file failed.
     #[error("{path}: {source}")]
     File {

@@ -5,6 +5,12 @@
 //! their networks here, and above nothing but candle. It does no I/O except reading and writing
 //! the weight files it is asked to.
 //!
+//! The ConvNet is described once, in [`convnet`] (its layout, shape rules and a typed view of
+//! its parameters); [`network`] builds it from candle layers for autograd, and [`backend`] holds
+//! the hand-written passes over it (native CPU, candle ops, fused CUDA) behind one
+//! [`backend::Backend`] trait, with [`backend::Route::select`] the one place that picks which
+//! runs for a device, dtype and network.
+//!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
 //! use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
@@ -27,6 +33,9 @@
 //!   `features.{d}.conv.bias` (width), then, unless the norm is `none`,
 //!   `features.{d}.norm.weight`, `features.{d}.norm.bias` (shape (width) or, for layer norm,
 //!   (width, s, s)); last `classifier.weight` (classes, width*s*s), `classifier.bias`.
+//!   [`convnet::ConvNetLayout`] holds each one's position and shape
+//!   ([`convnet::ConvNetLayout::param_specs`]) and [`convnet::ConvNetParams`] reads a slice in
+//!   this order by role.
 //! - MLP: `fc_1.weight`, `fc_1.bias`, `fc_2.weight`, `fc_2.bias`, `fc_3.weight`, `fc_3.bias`.
 //! - LeNet: `conv_1.*`, `conv_2.*`, `fc_1.*`, `fc_2.*`, `fc_3.*`, weight before bias.
 //!
@@ -42,20 +51,19 @@
 //!   there; see [`layers::pool2d`]. Norm layers are written with plain reductions and broadcasts.
 //! - On the CPU, candle's conv input gradient (`conv_transpose2d`, no gemm) and its reductions over
 //!   non-trailing dimensions are slow; [`ops`] routes around both. Gradients that nothing flows
-//!   back into skip candle's ops altogether: [`native`] computes them with hand-written kernels
-//!   (and the second-order term of gradient matching, forward-over-reverse).
+//!   back into skip candle's ops altogether: [`backend::cpu`] computes them with hand-written
+//!   kernels (and the second-order term of gradient matching, forward-over-reverse).
 //! - Most of a CPU backward pass at batch 256 can go to page faults: every op allocates a fresh
 //!   buffer of up to 134 MB, which glibc serves with `mmap` and returns on free. Binaries should run
 //!   with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>` (or an allocator that keeps freed
 //!   memory); the library cannot choose its process's allocator.
 
+pub mod backend;
 pub mod config;
+pub mod convnet;
 pub mod device;
 pub mod error;
-pub mod grads;
-pub mod kernels;
 pub mod layers;
-pub mod native;
 pub mod network;
 pub mod ops;
 pub mod optim;

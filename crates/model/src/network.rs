@@ -7,10 +7,12 @@ use std::path::Path;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use rand::Rng;
 
+use crate::backend::Route;
 use crate::config::{
     Activation, ConvNetConfig, GROUP_NORM_GROUPS, LeNetConfig, MlpConfig, ModelConfig, Norm,
     Pooling,
 };
+use crate::convnet::ConvNetLayout;
 use crate::error::ModelError;
 use crate::layers::{BatchNorm2d, Conv2d, GroupNorm, LayerNorm, Linear, Norm2d, activate, pool2d};
 
@@ -47,12 +49,19 @@ impl ConvNet {
         device: &Device,
         dtype: DType,
     ) -> candle_core::Result<Self> {
-        let mut blocks = Vec::with_capacity(config.depth);
-        let mut in_channels = config.in_channels;
-        for (d, size) in config.block_sizes().into_iter().enumerate() {
-            let padding = if d == 0 { config.first_padding() } else { 1 };
-            let conv = Conv2d::new(in_channels, config.width, 3, padding, rng, device, dtype)?;
-            let c = config.width;
+        let layout = ConvNetLayout::new(config);
+        let mut blocks = Vec::with_capacity(layout.blocks.len());
+        for b in &layout.blocks {
+            let conv = Conv2d::new(
+                b.in_channels,
+                b.out_channels,
+                3,
+                b.padding,
+                rng,
+                device,
+                dtype,
+            )?;
+            let (c, size) = (b.out_channels, b.conv_side);
             let norm = match config.norm {
                 Norm::Instance => Some(Norm2d::Group(GroupNorm::new(c, c, device, dtype)?)),
                 Norm::Group => Some(Norm2d::Group(GroupNorm::new(
@@ -71,9 +80,8 @@ impl ConvNet {
                 activation: config.activation,
                 pooling: config.pooling,
             });
-            in_channels = config.width;
         }
-        let classifier = Linear::new(config.feature_dim(), config.n_classes, rng, device, dtype)?;
+        let classifier = Linear::new(layout.feature_dim(), layout.n_classes, rng, device, dtype)?;
         Ok(Self { blocks, classifier })
     }
 
@@ -260,19 +268,18 @@ impl Network {
     }
 
     /// Logits for inference, `(N, n_classes)`, tracked by no gradient: `forward_t(xs, false)`
-    /// (batch norm on its running statistics). A ConvNet on the CPU in f32 or f64 whose layers
-    /// the native kernels implement runs [`crate::native::logits`], the same mathematics without
-    /// candle's per-op buffers; every other network and device goes through `forward_t`.
+    /// (batch norm on its running statistics). A ConvNet for which
+    /// [`crate::backend::Route::select`] picks a route (on the CPU in f32 or f64: the native
+    /// kernels) runs that route's logits, the same mathematics without candle's per-op buffers;
+    /// every other network goes through `forward_t`.
     pub fn predict_logits(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         self.check_input(xs)?;
         let xs = xs.detach();
         if let ModelConfig::ConvNet(config) = &self.config
-            && crate::grads::unsupported_reason(config).is_none()
+            && let Some(route) = Route::select(&self.device, self.dtype, config)
         {
             let params: Vec<Tensor> = self.vars().iter().map(|v| v.as_detached_tensor()).collect();
-            if crate::native::supports(&xs, &params) {
-                return crate::native::logits(config, &params, &xs);
-            }
+            return route.logits(config, &params, &xs);
         }
         Ok(self.forward_t(&xs, false)?.detach())
     }

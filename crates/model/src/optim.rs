@@ -90,7 +90,7 @@ impl Sgd {
     }
 
     /// One update with gradients given in [`Sgd::vars`] order (for example from
-    /// [`crate::grads::batch_gradients`]).
+    /// [`crate::backend::Route::batch_gradients`]).
     pub fn step_tensors(&mut self, grads: &[Tensor]) -> candle_core::Result<()> {
         if grads.len() != self.vars.len() {
             candle_core::bail!(

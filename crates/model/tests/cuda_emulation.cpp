@@ -1,4 +1,4 @@
-// Host emulation of the CUDA kernels in src/kernels/cuda.cu, run by tests/cuda_kernels_emulated.rs:
+// Host emulation of the CUDA kernels in src/backend/cuda/kernels.cu, run by tests/cuda_kernels_emulated.rs:
 // every block of a launch runs as blockDim.x std::threads sharing a barrier (for __syncthreads), so
 // the kernels execute as written, block reductions included, and are compared with plain loops
 // (im2col), the adjoint identity (col2im) and finite differences (the fused norm backward). Exit
@@ -21,7 +21,7 @@ unsigned char shared_raw[1 << 16];
 #define __global__
 #define __shared__
 using std::sqrt;
-#include "../src/kernels/cuda.cu"
+#include "../src/backend/cuda/kernels.cu"
 
 void launch(unsigned grid, unsigned block, std::function<void()> f) {
   gridDim.x = grid; blockDim.x = block;

@@ -1,4 +1,4 @@
-//! The CUDA kernels of `src/kernels/cuda.cu` on a machine without a GPU: `cuda_emulation.cpp`
+//! The CUDA kernels of `src/backend/cuda/kernels.cu` on a machine without a GPU: `cuda_emulation.cpp`
 //! includes them as C++ and runs each launch with one host thread per GPU thread (a barrier for
 //! `__syncthreads`), checking im2col against plain loops, col2im by the adjoint identity, and the
 //! fused instance-norm block forward against a direct computation and its backward against finite

@@ -13,7 +13,7 @@ pub mod distance;
 mod native_loss;
 
 use candle_core::{DType, Tensor};
-use debiasdd_model::grads::{self, ConvPath, Segments};
+use debiasdd_model::backend::{Route, Segments, candle_ops};
 use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -209,15 +209,10 @@ impl Dc {
             let y = real.labels.narrow(0, start, n)?;
             let segments = Segments::new(lens)?;
             parts.push(
-                grads::untracked_segment_gradients(
-                    model,
-                    params,
-                    &x,
-                    &y,
-                    &segments,
-                    problem.conv_path,
-                )?
-                .grads,
+                problem
+                    .route
+                    .segment_gradients(model, params, &x, &y, &segments)?
+                    .grads,
             );
             start += n;
         }
@@ -231,7 +226,7 @@ impl Dc {
         let (syn_index, real_index) = problem.plan.term_indices();
         Ok(MatchingTarget {
             model: model.clone(),
-            path: problem.conv_path,
+            route: problem.route,
             distance: self.config.distance,
             params: params.to_vec(),
             g_real: select_rows(g_real, real_index)?,
@@ -261,8 +256,7 @@ impl Dc {
                 let x = images.index_select(&idx, 0)?;
                 let labels: Vec<u8> = batch.iter().map(|&i| syn_labels[i as usize]).collect();
                 let y = label_tensor(&labels, problem.device)?;
-                let (g, _) =
-                    grads::batch_gradients(model, &self.params, &x, &y, problem.conv_path)?;
+                let (g, _) = problem.route.batch_gradients(model, &self.params, &x, &y)?;
                 for (p, g) in self.params.iter_mut().zip(g) {
                     *p = (&*p - (g * c.lr_net)?)?;
                 }
@@ -357,7 +351,7 @@ impl Distiller<Dc> {
 #[derive(Debug, Clone)]
 pub struct MatchingTarget {
     model: ConvNetConfig,
-    path: ConvPath,
+    route: Route,
     distance: Distance,
     params: Vec<Tensor>,
     /// One tensor per parameter, (terms, *shape).
@@ -382,11 +376,11 @@ impl MatchingTarget {
         g_real: Vec<Tensor>,
         syn_labels: Tensor,
         syn_segments: Segments,
-        path: ConvPath,
+        route: Route,
     ) -> Self {
         Self {
             model,
-            path,
+            route,
             distance,
             params,
             g_real,
@@ -401,7 +395,7 @@ impl MatchingTarget {
     /// differentiable with respect to `syn` when it is a variable. On the CPU one op whose
     /// gradient comes from the native kernels (`native_loss`); elsewhere [`Self::loss_by_ops`].
     pub fn loss(&self, syn: &Tensor) -> Result<Tensor, DistillError> {
-        if self.path == ConvPath::Im2col && NativeMatchingLoss::applies(syn, &self.params) {
+        if self.route.native_second_order() {
             let op = NativeMatchingLoss {
                 model: self.model.clone(),
                 distance: self.distance,
@@ -421,14 +415,15 @@ impl MatchingTarget {
     /// differentiated by candle's autograd): the route on every device but the CPU, and the
     /// reference the CPU route is tested against.
     pub fn loss_by_ops(&self, syn: &Tensor) -> Result<Tensor, DistillError> {
-        let fwd = grads::forward(&self.model, &self.params, syn, self.path)?;
-        let g_syn = grads::segment_gradients(
+        let path = self.route.conv_path();
+        let fwd = candle_ops::forward(&self.model, &self.params, syn, path)?;
+        let g_syn = candle_ops::segment_gradients(
             &self.model,
             &self.params,
             &fwd,
             &self.syn_labels,
             &self.syn_segments,
-            self.path,
+            path,
         )?;
         let g_syn = select_rows(g_syn, self.syn_index.as_ref())?;
         Ok(distance(self.distance, &g_syn, &self.g_real)?)

@@ -1,20 +1,20 @@
 //! The matching loss as one candle op on the CPU, with its gradient from the native kernels.
 //!
 //! [`MatchingTarget::loss`](super::MatchingTarget::loss) on other devices records the synthetic
-//! gradients op by op (`grads::segment_gradients`) and lets candle differentiate that graph. On
-//! the CPU the same loss is a [`CustomOp1`] of the synthetic images: its forward computes the
-//! synthetic gradients with `debiasdd_model::native` and the distance; its backward gets
-//! `V = dD / dg_syn` from candle's autograd on the small gradient tensors alone, then
-//! `dD / dx = native::gradient_of_gradients(V)` (forward-over-reverse). No graph over
-//! activations is built, and tests compare both routes in f64. The forward keeps the synthetic
-//! gradients for the backward, so each op runs the first-order pass once.
+//! gradients op by op (`candle_ops::segment_gradients`) and lets candle differentiate that
+//! graph. On the CPU (where the run's route says `native_second_order`) the same loss is a
+//! [`CustomOp1`] of the synthetic images: its forward computes the synthetic gradients with
+//! `debiasdd_model::backend::cpu` and the distance; its backward gets `V = dD / dg_syn` from
+//! candle's autograd on the small gradient tensors alone, then
+//! `dD / dx = cpu::gradient_of_gradients(V)` (forward-over-reverse). No graph over activations
+//! is built, and tests compare both routes in f64. The forward keeps the synthetic gradients for
+//! the backward, so each op runs the first-order pass once.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
 use debiasdd_model::ConvNetConfig;
-use debiasdd_model::grads::Segments;
-use debiasdd_model::native;
+use debiasdd_model::backend::{Segments, cpu};
 
 use super::distance::{Distance, distance};
 
@@ -35,13 +35,6 @@ pub(crate) struct NativeMatchingLoss {
 }
 
 impl NativeMatchingLoss {
-    /// Whether the op can run on `syn`: untracked-capable CPU tensors of f32 or f64.
-    pub fn applies(syn: &Tensor, params: &[Tensor]) -> bool {
-        syn.device().is_cpu()
-            && matches!(syn.dtype(), DType::F32 | DType::F64)
-            && native::supports(&syn.detach(), params)
-    }
-
     /// The synthetic gradients of every term (rows picked by `syn_index`).
     fn term_gradients(&self, grads: &[Tensor]) -> Result<Vec<Tensor>> {
         match &self.syn_index {
@@ -58,7 +51,7 @@ impl NativeMatchingLoss {
     }
 
     fn syn_gradients(&self, syn: &Tensor) -> Result<Vec<Tensor>> {
-        Ok(native::segment_gradients(
+        Ok(cpu::segment_gradients(
             &self.model,
             &self.params,
             syn,
@@ -117,7 +110,7 @@ impl CustomOp1 for NativeMatchingLoss {
                 None => v.as_tensor().zeros_like(), // a parameter the distance skips
             })
             .collect::<Result<Vec<_>>>()?;
-        let dx = native::gradient_of_gradients(
+        let dx = cpu::gradient_of_gradients(
             &self.model,
             &self.params,
             &syn,

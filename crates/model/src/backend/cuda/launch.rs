@@ -1,5 +1,6 @@
-//! The CUDA halves of [`super::Im2Col`], [`super::Col2Im`] and the fused instance-norm block
-//! ops: launches of the kernels in `cuda.cu` (compiled to PTX by the crate's build script).
+//! The CUDA launcher under `backend/cuda.rs` (a `cuda` build only): the CUDA halves of
+//! [`super::Im2Col`], [`super::Col2Im`] and the fused instance-norm block ops, launching the
+//! kernels of `kernels.cu` (compiled to PTX by the crate's build script).
 //!
 //! Allocating uninitialised device memory and launching a kernel are `unsafe` in cudarc; the
 //! kernels write every element they return, and their arguments are checked here first.
@@ -45,14 +46,14 @@ fn view<'a, T: CudaDType + DeviceRepr>(
     }
 }
 
-/// The kernel `{name}_f32` or `{name}_f64` of cuda.cu for `T`, and its uninitialised output. A
+/// The kernel `{name}_f32` or `{name}_f64` of kernels.cu for `T`, and its uninitialised output. A
 /// macro because candle does not export the type of the loaded function, whose `builder()` the
 /// callers then fill.
 macro_rules! kernel_and_output {
     ($T:ty, $dev:expr, $name:expr, $out_len:expr) => {{
         let suffix = <$T as WithDType>::DTYPE.as_str();
         let func = $dev.get_or_load_custom_func(&format!("{}_{suffix}", $name), MODULE, PTX)?;
-        // SAFETY: every kernel of cuda.cu writes each of its `out_len` output elements.
+        // SAFETY: every kernel of kernels.cu writes each of its `out_len` output elements.
         let dst = unsafe { $dev.alloc::<$T>($out_len)? };
         (func, dst)
     }};
@@ -105,7 +106,7 @@ pub(super) fn run(
         for d in &dims {
             builder.arg(d);
         }
-        // SAFETY: the arguments match `im2col_*` / `col2im_*` in cuda.cu.
+        // SAFETY: the arguments match `im2col_*` / `col2im_*` in kernels.cu.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }
@@ -116,7 +117,7 @@ pub(super) fn run(
     }
 }
 
-/// A fused norm kernel (`norm_act_fwd` or `norm_act_bwd`, see cuda.cu) on `inputs` of one dtype,
+/// A fused norm kernel (`norm_act_fwd` or `norm_act_bwd`, see kernels.cu) on `inputs` of one dtype,
 /// one GPU block per row: the inputs, the packed output, the geometry, the slope and, for the
 /// forward kernel, epsilon.
 fn norm_kernel(
@@ -160,7 +161,7 @@ fn norm_kernel(
         if let Some(eps) = &eps {
             builder.arg(eps);
         }
-        // SAFETY: the arguments match `norm_act_fwd_*` / `norm_act_bwd_*` in cuda.cu.
+        // SAFETY: the arguments match `norm_act_fwd_*` / `norm_act_bwd_*` in kernels.cu.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }

@@ -1,28 +1,38 @@
-//! Convolution as `im2col` + matrix product, with `im2col` and `col2im` as candle custom ops that
-//! are each other's derivative.
+//! The CUDA backend, under [`crate::backend`]: convolution as `im2col` + matrix product with
+//! `im2col` and `col2im` as candle custom ops that are each other's derivative (CPU and CUDA
+//! halves), the fused instance-norm block ops, and the fused untracked passes built on them
+//! ([`Fused`]).
 //!
 //! candle 0.11's CPU conv backward goes through `conv_transpose2d`, a direct loop several times
 //! slower than the forward. Here a stride-1 convolution is `im2col(x) @ W^T`: the forward and
 //! both gradients are matrix products (candle's `gemm`), plus one `im2col` or `col2im`. Because
 //! the two custom ops are each other's backward, gradients of gradients stay inside the same
-//! fast building blocks.
+//! fast building blocks; the candle-op backend's im2col path ([`super::candle_ops`]) is made of
+//! them, on the CPU as on CUDA.
 //!
 //! Layout: `im2col` maps an (N, C, H, W) input to an (N * Ho * Wo, C * k * k) matrix whose row
 //! `(n, oy, ox)` holds the `k x k` window of every channel around output pixel `(oy, ox)`, in
 //! `(c, ky, kx)` order — the order of a PyTorch weight `(O, C, k, k)` reshaped to `(O, C*k*k)`.
-//! Zero padding `pad` on every side; `Ho = H + 2 pad - k + 1`.
+//! Zero padding `pad` on every side; `Ho = H + 2 pad - k + 1`. This is the one im2col of candle
+//! tensors (NCHW); the native CPU backend keeps its own over channels-last slices
+//! (`backend/cpu/im2col.rs`), a different layout that needs no transposes between blocks.
 //!
 //! With the `cuda` feature the two ops also run on CUDA tensors (gather kernels in
-//! `kernels/cuda.cu`, see [`HAS_CUDA_KERNELS`]); [`conv2d`] itself uses candle's own convolution
-//! on every device but the CPU.
+//! `cuda/kernels.cu`, launched by `cuda/launch.rs`, see [`HAS_CUDA_KERNELS`]).
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, IndexOp, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
+use super::{Backend, ConvPath, Route, SegmentGradients, Segments};
+use crate::ConvNetConfig;
+use crate::config::{Activation, LEAKY_RELU_SLOPE, Norm, Pooling};
+use crate::convnet::{ConvNetLayout, ConvNetParams, conv_output_side, unsupported_reason};
+use crate::layers::NORM_EPS;
+
 #[cfg(feature = "cuda")]
-mod cuda;
+mod launch;
 
 /// Whether `im2col` and `col2im` run on CUDA tensors in this build (the `cuda` feature).
 pub const HAS_CUDA_KERNELS: bool = cfg!(feature = "cuda");
@@ -179,7 +189,7 @@ impl CustomOp1 for Im2Col {
             );
         }
         Ok((
-            cuda::run(storage, layout, g, cuda::Kind::Im2col)?,
+            launch::run(storage, layout, g, launch::Kind::Im2col)?,
             g.cols_shape(),
         ))
     }
@@ -230,7 +240,7 @@ impl CustomOp1 for Col2Im {
             );
         }
         Ok((
-            cuda::run(storage, layout, g, cuda::Kind::Col2im)?,
+            launch::run(storage, layout, g, launch::Kind::Col2im)?,
             g.image_shape(),
         ))
     }
@@ -316,7 +326,7 @@ impl CustomOp2 for NormActFwd {
         let (n, rows) = (self.0, self.1);
         let len = rows * (n.h * n.w + 1 + n.out_hw());
         Ok((
-            cuda::norm_act_fwd((z, zl), (prm, pl), n, rows, len)?,
+            launch::norm_act_fwd((z, zl), (prm, pl), n, rows, len)?,
             Shape::from(len),
         ))
     }
@@ -352,7 +362,7 @@ impl CustomOp3 for NormActBwd {
         let (n, rows) = (self.0, self.1);
         let len = rows * (n.h * n.w + 3);
         Ok((
-            cuda::norm_act_bwd((da, dal), (fwd, fl), (prm, pl), n, rows, len)?,
+            launch::norm_act_bwd((da, dal), (fwd, fl), (prm, pl), n, rows, len)?,
             Shape::from(len),
         ))
     }
@@ -431,28 +441,211 @@ pub fn col2im(
     cols.contiguous()?.apply_op1(Col2Im(g))
 }
 
-/// Stride-1 convolution of `xs` (N, C, H, W) with `weight` (O, C, k, k), zero padding `pad`,
-/// no bias: `im2col` + one matrix product on the CPU, candle's `conv2d` elsewhere.
-pub fn conv2d(xs: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
-    if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) {
-        return xs.conv2d(weight, pad, 1, 1, 1);
-    }
-    let (o, c, k, k2) = weight.dims4()?;
-    if k != k2 {
-        candle_core::bail!("conv: square kernels only, got {k}x{k2}");
-    }
-    let g = geometry(xs, k, pad)?;
-    if g.c != c {
-        candle_core::bail!("conv: input has {} channels, weight expects {c}", g.c);
-    }
-    let cols = xs.contiguous()?.apply_op1(Im2Col(g))?;
-    let out = cols.matmul(&weight.reshape((o, c * k * k))?.t()?)?;
-    out.reshape((g.n, g.rows(), o))?
+/// A 3x3 stride-1 convolution without bias as `im2col(a) @ W^T`: the output as (N, O, Ho*Wo) and
+/// the column matrix (N*Ho*Wo, C*9) that the weight gradient needs.
+pub fn im2col_conv(a: &Tensor, weight: &Tensor, pad: usize) -> Result<(Tensor, Tensor)> {
+    let (n, c, h, w) = a.dims4()?;
+    let o = weight.dim(0)?;
+    let hw = conv_output_side(h, pad) * conv_output_side(w, pad);
+    let cols = im2col(a, 3, pad)?;
+    let z = cols
+        .matmul(&weight.reshape((o, c * 9))?.t()?)?
+        .reshape((n, hw, o))?
         .transpose(1, 2)?
-        .contiguous()?
-        .reshape((g.n, o, g.out_h(), g.out_w()))
+        .contiguous()?;
+    Ok((z, cols))
 }
 
+/// What the fused backward pass keeps of one block.
+struct FusedBlock {
+    input_dims: (usize, usize, usize, usize),
+    cols: Tensor,
+    packed: Tensor,
+    prm: Tensor,
+    norm: NormAct,
+    pad: usize,
+}
+
+/// The fused forward pass: what the backward pass needs, the features and the logits.
+struct FusedForward {
+    blocks: Vec<FusedBlock>,
+    features: Tensor,
+    logits: Tensor,
+}
+
+/// The forward pass on CUDA: the im2col path's convolutions around one fused kernel per block for
+/// instance norm + affine + activation (+ pooling) ([`norm_act_forward`]).
+fn fused_forward(config: &ConvNetConfig, params: &[Tensor], xs: &Tensor) -> Result<FusedForward> {
+    if let Some(reason) = unsupported_reason(config) {
+        candle_core::bail!("{reason}")
+    }
+    if config.norm != Norm::Instance {
+        candle_core::bail!(
+            "the fused CUDA passes need instance norm, got `{}`; use `Route::candle_ops`",
+            config.norm
+        )
+    }
+    let layout = ConvNetLayout::new(config);
+    let net = ConvNetParams::new(&layout, params)?;
+    let slope = match config.activation {
+        Activation::LeakyRelu => LEAKY_RELU_SLOPE,
+        _ => 0.0,
+    };
+    let mut blocks = Vec::with_capacity(layout.blocks.len());
+    let mut a = xs.clone();
+    for (b, p) in layout.blocks.iter().zip(&net.blocks) {
+        let Some((scale, shift)) = p.norm else {
+            candle_core::bail!("the fused CUDA passes need instance norm")
+        };
+        let pad = b.padding;
+        let (n, c, h, w) = a.dims4()?;
+        let o = b.out_channels;
+        let (ho, wo) = (conv_output_side(h, pad), conv_output_side(w, pad));
+        let (z, cols) = im2col_conv(&a, p.conv_weight, pad)?;
+        let prm = Tensor::stack(&[p.conv_bias, scale, shift], 0)?;
+        let norm = NormAct {
+            channels: o,
+            h: ho,
+            w: wo,
+            pool: config.pooling == Pooling::Avg,
+            slope,
+            eps: NORM_EPS,
+        };
+        let (packed, act) = norm_act_forward(&z, &prm, norm)?;
+        blocks.push(FusedBlock {
+            input_dims: (n, c, h, w),
+            cols,
+            packed,
+            prm,
+            norm,
+            pad,
+        });
+        a = act;
+    }
+    let features = a.flatten_from(1)?;
+    let logits = features
+        .matmul(&net.classifier_weight.t()?)?
+        .broadcast_add(net.classifier_bias)?;
+    Ok(FusedForward {
+        blocks,
+        features,
+        logits,
+    })
+}
+
+/// The untracked segment gradients on CUDA: [`fused_forward`], then the im2col path's
+/// convolutions (matrix products, col2im) around one fused backward kernel per block
+/// ([`norm_act_backward`]), in place of the dozen element-wise candle ops each of those takes.
+/// Same results as [`super::candle_ops::segment_gradients`] up to float rounding; the GPU check
+/// (`xtask/gpu/check.sh`) compares them.
+pub fn fused_segment_gradients(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    labels: &Tensor,
+    segments: &Segments,
+) -> Result<SegmentGradients> {
+    let n = xs.dim(0)?;
+    if segments.total() != n {
+        candle_core::bail!("segments cover {} samples, batch has {n}", segments.total())
+    }
+    let layout = ConvNetLayout::new(config);
+    let net = ConvNetParams::new(&layout, params)?;
+    let FusedForward {
+        blocks,
+        features,
+        logits,
+    } = fused_forward(config, params, xs)?;
+    let losses = segments
+        .losses_of_logits(&logits, labels)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+
+    let indicator = segments.indicator(logits.dtype(), logits.device())?;
+    let segment_sum = |per_sample: &Tensor| indicator.matmul(per_sample);
+    let dlogits = segments.logits_gradient(&logits, labels)?;
+    let mut grads: Vec<Option<Tensor>> = vec![None; layout.n_params()];
+    grads[layout.classifier_weight] = Some(segments.outer(&dlogits, &features, 1)?);
+    grads[layout.classifier_bias] = Some(segment_sum(&dlogits)?);
+    let mut da = dlogits.matmul(net.classifier_weight)?;
+    for ((b, p), block) in layout.blocks.iter().zip(&net.blocks).zip(&blocks).rev() {
+        let at = b.params;
+        let Some((scale_at, shift_at)) = at.norm else {
+            candle_core::bail!("the fused CUDA passes need instance norm")
+        };
+        let (n, c, h, w) = block.input_dims;
+        let o = block.norm.channels;
+        let hw = block.norm.h * block.norm.w;
+        let (dz, sums) = norm_act_backward(&da, &block.packed, &block.prm, block.norm)?;
+        grads[scale_at] = Some(segment_sum(&sums.i(0)?)?);
+        grads[shift_at] = Some(segment_sum(&sums.i(1)?)?);
+        grads[at.conv_bias] = Some(segment_sum(&sums.i(2)?)?);
+        let dz_rows = dz.transpose(1, 2)?.contiguous()?.reshape((n * hw, o))?;
+        grads[at.conv_weight] = Some(segments.outer(&dz_rows, &block.cols, hw)?.reshape((
+            segments.count(),
+            o,
+            c,
+            3,
+            3,
+        ))?);
+        if b.index > 0 {
+            let dcols = dz_rows.matmul(&p.conv_weight.reshape((o, c * 9))?)?;
+            da = col2im(&dcols, (n, c, h, w), 3, block.pad)?;
+        }
+    }
+    let grads = grads
+        .into_iter()
+        .map(|g| g.ok_or_else(|| candle_core::Error::Msg("gradient not computed".into())))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SegmentGradients {
+        grads,
+        logits,
+        losses,
+    })
+}
+
+/// The fused CUDA backend (a `cuda` build, instance norm): untracked passes only, its inputs
+/// detached; its gradient of gradients runs the candle-op passes with the im2col path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fused;
+
+impl Backend for Fused {
+    fn segment_gradients(
+        &self,
+        config: &ConvNetConfig,
+        params: &[Tensor],
+        xs: &Tensor,
+        labels: &Tensor,
+        segments: &Segments,
+    ) -> Result<SegmentGradients> {
+        let params: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
+        fused_segment_gradients(config, &params, &xs.detach(), labels, segments)
+    }
+
+    fn logits(&self, config: &ConvNetConfig, params: &[Tensor], xs: &Tensor) -> Result<Tensor> {
+        let params: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
+        Ok(fused_forward(config, &params, &xs.detach())?.logits)
+    }
+
+    fn embeddings(&self, config: &ConvNetConfig, params: &[Tensor], xs: &Tensor) -> Result<Tensor> {
+        let params: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
+        Ok(fused_forward(config, &params, &xs.detach())?.features)
+    }
+
+    fn gradient_of_gradients(
+        &self,
+        config: &ConvNetConfig,
+        params: &[Tensor],
+        xs: &Tensor,
+        labels: &Tensor,
+        segments: &Segments,
+        directions: &[Tensor],
+    ) -> Result<Tensor> {
+        Route::candle_ops(ConvPath::Im2col)
+            .backend()
+            .gradient_of_gradients(config, params, xs, labels, segments, directions)
+    }
+}
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -482,6 +675,18 @@ mod tests {
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
+    }
+
+    /// Stride-1 convolution of `xs` (N, C, H, W) with `weight` (O, C, k, k) by the two ops.
+    fn conv2d(xs: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+        let (o, c, k, _) = weight.dims4()?;
+        let g = geometry(xs, k, pad)?;
+        let cols = xs.contiguous()?.apply_op1(Im2Col(g))?;
+        let out = cols.matmul(&weight.reshape((o, c * k * k))?.t()?)?;
+        out.reshape((g.n, g.rows(), o))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((g.n, o, g.out_h(), g.out_w()))
     }
 
     #[test]

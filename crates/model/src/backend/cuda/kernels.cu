@@ -1,7 +1,7 @@
 // CUDA kernels of debiasdd-model, compiled to PTX by build.rs when the `cuda` feature is on and
-// loaded by `src/kernels/cuda.rs`. Each `extern "C"` entry point has an `_f32` and an `_f64` version.
+// loaded by `src/backend/cuda/launch.rs`. Each `extern "C"` entry point has an `_f32` and an `_f64` version.
 //
-// Layouts are those of `src/kernels.rs`: im2col maps a contiguous (N, C, H, W) input to an
+// Layouts are those of `src/backend/cuda.rs`: im2col maps a contiguous (N, C, H, W) input to an
 // (N * Ho * Wo, C * k * k) matrix whose row (n, oy, ox) holds the k x k window around output pixel
 // (oy, ox) of every channel, in (c, ky, kx) order, with zero padding `pad`; col2im is its adjoint
 // (overlapping windows summed). Both are gathers: every output element is written once, by one
