@@ -787,7 +787,7 @@ mod tests {
 
     #[test]
     fn requirements_note_pins_the_same_torch() {
-        let note = include_str!("../bench/requirements.txt");
+        let note = include_str!("../../bench/requirements.txt");
         assert!(note.lines().any(|l| l.trim() == TORCH_REQUIREMENT));
     }
 
