@@ -275,11 +275,12 @@ impl Network {
     pub fn predict_logits(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         self.check_input(xs)?;
         let xs = xs.detach();
-        if let ModelConfig::ConvNet(config) = &self.config
-            && let Some(route) = Route::select(&self.device, self.dtype, config)
-        {
-            let params: Vec<Tensor> = self.vars().iter().map(|v| v.as_detached_tensor()).collect();
-            return route.logits(config, &params, &xs);
+        if let ModelConfig::ConvNet(config) = &self.config {
+            if let Some(route) = Route::select(&self.device, self.dtype, config) {
+                let params: Vec<Tensor> =
+                    self.vars().iter().map(|v| v.as_detached_tensor()).collect();
+                return route.logits(config, &params, &xs);
+            }
         }
         Ok(self.forward_t(&xs, false)?.detach())
     }
