@@ -5,35 +5,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use debiasdd_cmnist::source::write_synthetic_source;
 use debiasdd_eval::data::SyntheticSet;
 
 mod common;
-use common::{assert_clean_failure, debiasdd, s, text};
-
-/// A 300-image Colored MNIST at ratio 0.1 in `dir/c.safetensors`.
-fn tiny_dataset(dir: &Path) -> std::path::PathBuf {
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).expect("source dir");
-    write_synthetic_source(&src, 400, 100).expect("synthetic source");
-    let file = dir.join("c.safetensors");
-    let out = debiasdd(&[
-        "generate",
-        "--mnist-dir",
-        s(&src),
-        "--skip-checksum",
-        "--ratio",
-        "0.1",
-        "--train-size",
-        "300",
-        "--valid-size",
-        "50",
-        "--out",
-        s(&file),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    file
-}
+use common::{assert_clean_failure, debiasdd, s, text, tiny_dataset};
 
 /// `distill` on `data` with the tiny network settings, plus `extra`.
 fn distill_args<'a>(

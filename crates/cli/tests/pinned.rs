@@ -8,36 +8,10 @@
 //! commit.
 #![allow(clippy::print_stderr)]
 
-use std::path::{Path, PathBuf};
-
-use debiasdd_cmnist::source::write_synthetic_source;
+use std::path::Path;
 
 mod common;
-use common::{debiasdd, s, text};
-
-/// A 300-image Colored MNIST at ratio 0.1 in `dir/c.safetensors`.
-fn tiny_dataset(dir: &Path) -> PathBuf {
-    let src = dir.join("src");
-    std::fs::create_dir_all(&src).expect("source dir");
-    write_synthetic_source(&src, 400, 100).expect("synthetic source");
-    let file = dir.join("c.safetensors");
-    let out = debiasdd(&[
-        "generate",
-        "--mnist-dir",
-        s(&src),
-        "--skip-checksum",
-        "--ratio",
-        "0.1",
-        "--train-size",
-        "300",
-        "--valid-size",
-        "50",
-        "--out",
-        s(&file),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    file
-}
+use common::{debiasdd, s, text, tiny_dataset};
 
 /// FNV-1a over bytes: enough to pin a buffer, no extra dependency.
 fn fnv1a(bytes: &[u8]) -> u64 {

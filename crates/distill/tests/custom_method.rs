@@ -6,38 +6,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
-use debiasdd_cmnist::colored::Split;
 use debiasdd_distill::{
     DistillConfig, DistillError, Distiller, MatchMode, Matcher, MethodKind, Preset, Problem,
     RealBatch, RunFiles, RunOutcome, Target, drive,
 };
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-const IMAGE: usize = 3 * 28 * 28;
-
-/// 6 images per class, 4 in the class's colour and 2 in the next one.
-fn tiny_split() -> Split {
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let mut split = Split {
-        images: Vec::new(),
-        labels: Vec::new(),
-        colours: Vec::new(),
-        groups: Vec::new(),
-    };
-    for class in 0..10u8 {
-        for k in 0..6 {
-            let colour = if k < 4 { class } else { (class + 1) % 10 };
-            split
-                .images
-                .extend((0..IMAGE).map(|_| rng.random_range(0..=255u8)));
-            split.labels.push(class);
-            split.colours.push(colour);
-            split.groups.push(u16::from(class) * 10 + u16::from(colour));
-        }
-    }
-    split
-}
+mod common;
+use common::tiny_split;
 
 /// The method: its own setting, and a per-iteration random weight drawn from the loop's stream
 /// (to show that its draws are replayed on resume).
@@ -148,7 +125,7 @@ fn values(t: &Tensor) -> Vec<f64> {
 
 #[test]
 fn a_method_from_outside_distils_checkpoints_and_resumes() -> anyhow::Result<()> {
-    let split = tiny_split();
+    let split = tiny_split(None);
     let dir = tempfile::tempdir()?;
     let (ckpt, history) = (dir.path().join("m.ckpt"), dir.path().join("m.jsonl"));
     let files = RunFiles {

@@ -2,7 +2,7 @@
 //! that a failure is one clean line.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn debiasdd(args: &[&str]) -> Output {
@@ -33,4 +33,28 @@ pub fn assert_clean_failure(out: &Output, needle: &str) {
 
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
+}
+
+/// A 300-image Colored MNIST at ratio 0.1 in `dir/c.safetensors`.
+pub fn tiny_dataset(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).expect("source dir");
+    debiasdd_cmnist::source::write_synthetic_source(&src, 400, 100).expect("synthetic source");
+    let file = dir.join("c.safetensors");
+    let out = debiasdd(&[
+        "generate",
+        "--mnist-dir",
+        s(&src),
+        "--skip-checksum",
+        "--ratio",
+        "0.1",
+        "--train-size",
+        "300",
+        "--valid-size",
+        "50",
+        "--out",
+        s(&file),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    file
 }
