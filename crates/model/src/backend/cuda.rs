@@ -533,7 +533,7 @@ fn fused_forward(config: &ConvNetConfig, params: &[Tensor], xs: &Tensor) -> Resu
     })
 }
 
-/// The untracked segment gradients on CUDA: [`fused_forward`], then the im2col path's
+/// The untracked segment gradients on CUDA: the fused forward pass, then the im2col path's
 /// convolutions (matrix products, col2im) around one fused backward kernel per block
 /// ([`norm_act_backward`]), in place of the dozen element-wise candle ops each of those takes.
 /// Same results as [`super::candle_ops::segment_gradients`] up to float rounding; the GPU check

@@ -22,8 +22,9 @@
 //! about as much as class-wise matching (10 terms).
 //!
 //! Module graph: the backends import [`crate::convnet`] and the types of this file; besides,
-//! [`candle_ops`] uses the im2col / col2im ops of [`cuda`] (the one NCHW im2col), and nothing
-//! imports [`cpu`] but this file.
+//! [`candle_ops`] uses the im2col / col2im ops of [`cuda`] (the one im2col of candle tensors),
+//! [`cuda`] reaches the candle-op passes only through [`Route`], and no other backend imports
+//! [`cpu`].
 
 use std::sync::OnceLock;
 

@@ -9,17 +9,17 @@
 //!
 //! - activations stay channels-last (N, H, W, C) from the first block to the classifier, so
 //!   `im2col` copies whole channel runs, the convolution output needs no transpose, and instance
-//!   norm, activation and pooling are vectorisable loops over channels ([`im2col`], [`norm`]);
+//!   norm, activation and pooling are vectorisable loops over channels (`im2col.rs`, `norm.rs`);
 //! - every convolution product (forward, weight gradient per segment, input gradient) is one call
-//!   to the `gemm` crate on sub-slices, in parallel over rayon's threads ([`gemm`], the only
+//!   to the `gemm` crate on sub-slices, in parallel over rayon's threads (`gemm.rs`, the only
 //!   `unsafe` code here);
 //! - per-image work (im2col, col2im, norm statistics, pooling) runs in parallel over images;
 //!   loops over channels first re-slice every operand to the channel count (`&x[..o]`), which
 //!   lets the compiler drop the bounds checks and vectorise them (a width-32 batch of 256 went
 //!   from about 170 to 145 ms here);
 //! - a block keeps only its column matrix, its normalised output and its 1/std for the backward
-//!   pass, and the column buffer is reused for the input gradient ([`forward`], [`backward`]);
-//! - the second-order term of gradient matching runs forward-over-reverse ([`tangent`]).
+//!   pass, and the column buffer is reused for the input gradient (`forward.rs`, `backward.rs`);
+//! - the second-order term of gradient matching runs forward-over-reverse (`tangent.rs`).
 //!
 //! Weights arrive in PyTorch's layout ((O, C, 3, 3) convolutions, (K, C*h*w) classifier) and
 //! gradients leave in it; only the small weight matrices are permuted. Results equal
