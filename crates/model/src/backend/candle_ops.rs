@@ -19,7 +19,7 @@
 //! [`super::cuda`]: the CPU, and CUDA in a `cuda` build), and candle's `conv2d` on every device
 //! ([`ConvPath::Candle`]); tests check them against each other and against candle's autograd.
 
-use super::cuda::{col2im, im2col_conv};
+use super::im2col::{col2im, im2col_conv};
 use super::{Backend, ConvPath, SegmentGradients, Segments};
 use crate::config::LEAKY_RELU_SLOPE;
 use crate::convnet::{ConvNetLayout, ConvNetParams, conv_output_side, unsupported_reason};

@@ -10,9 +10,10 @@
 //! - [`candle_ops`]: the backward pass written in differentiable candle ops, on any device, with
 //!   either convolution ([`ConvPath`]); on tracked inputs its result is differentiable, which is
 //!   how the synthetic side gets exact second-order gradients off the CPU;
-//! - [`cuda`]: the candle custom ops im2col / col2im (CPU and CUDA halves) that the candle-op
-//!   im2col path is built from, and the fused CUDA path (norm, activation and pooling in one
-//!   kernel per block) for untracked inputs.
+//! - [`cuda`]: the fused CUDA path (norm, activation and pooling in one kernel per block) for
+//!   untracked inputs;
+//! - [`im2col`]: not a backend but the im2col / col2im custom ops (CPU and CUDA halves) that the
+//!   candle-op im2col path and the fused path are built from.
 //!
 //! Segments: the batch is a concatenation of contiguous runs of samples (one per class, or one
 //! per group); each run gets its own gradient of its own mean cross-entropy. Instance norm keeps
@@ -21,10 +22,10 @@
 //! (segments x samples) indicator matrix. This is what makes group-wise matching (100 terms) cost
 //! about as much as class-wise matching (10 terms).
 //!
-//! Module graph: the backends import [`crate::convnet`] and the types of this file; besides,
-//! [`candle_ops`] uses the im2col / col2im ops of [`cuda`] (the one im2col of candle tensors),
-//! [`cuda`] reaches the candle-op passes only through [`Route`], and no other backend imports
-//! [`cpu`].
+//! Module graph, no cycles between the backends: they import [`crate::convnet`], the types of
+//! this file and the ops of [`im2col`] (which imports no backend; its CUDA half is launched by
+//! `cuda/launch.rs`); [`cuda`] reaches the candle-op passes only through [`Route`] (its second
+//! order); within the crate nothing imports [`candle_ops`] or [`cpu`] but this file's [`Route`].
 
 use std::sync::OnceLock;
 
@@ -37,12 +38,13 @@ use crate::convnet::unsupported_reason;
 pub mod candle_ops;
 pub mod cpu;
 pub mod cuda;
+pub mod im2col;
 
 /// How the convolutions of the candle-op passes are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvPath {
     /// `im2col` + matrix products: the CPU, and CUDA in a build with the `cuda` feature (the
-    /// [`cuda`] ops have kernels for both). The fastest path on each.
+    /// [`im2col`] ops have kernels for both). The fastest path on each.
     Im2col,
     /// candle's `conv2d` for the forward pass and for both gradients (any device).
     Candle,

@@ -1,12 +1,12 @@
-//! The CUDA launcher under `backend/cuda.rs` (a `cuda` build only): the CUDA halves of
-//! [`super::Im2Col`], [`super::Col2Im`] and the fused instance-norm block ops, launching the
+//! The CUDA launcher under `backend/cuda.rs` (a `cuda` build only): the CUDA halves of the
+//! im2col / col2im ops (`backend/im2col.rs`) and of the fused instance-norm block ops, launching the
 //! kernels of `kernels.cu` (compiled to PTX by the crate's build script).
 //!
 //! Allocating uninitialised device memory and launching a kernel are `unsafe` in cudarc; the
 //! kernels write every element they return, and their arguments are checked here first.
 #![allow(unsafe_code)]
 
-use super::Geometry;
+use crate::backend::im2col::Geometry;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -21,7 +21,7 @@ const MODULE: &str = "debiasdd_model_kernels";
 const NORM_THREADS: u32 = 256;
 
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Kind {
+pub(crate) enum Kind {
     Im2col,
     Col2im,
 }
@@ -61,7 +61,7 @@ macro_rules! kernel_and_output {
 
 /// Runs `kind` on a contiguous CUDA tensor of the geometry's input (im2col) or column (col2im)
 /// shape; f32 and f64.
-pub(super) fn run(
+pub(crate) fn run(
     storage: &CudaStorage,
     layout: &Layout,
     g: Geometry,
