@@ -152,28 +152,23 @@ fn config_difference(saved: &str, current: &str) -> String {
 }
 
 fn differences(at: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    let path = |key: &str| {
+        if at.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{at}.{key}")
+        }
+    };
     match (a.as_object(), b.as_object()) {
         (Some(a), Some(b)) => {
             for (key, va) in a {
-                let path = if at.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{at}.{key}")
-                };
                 match b.get(key) {
-                    Some(vb) => differences(&path, va, vb, out),
-                    None => out.push(format!("{path}: checkpoint {va}, now missing")),
+                    Some(vb) => differences(&path(key), va, vb, out),
+                    None => out.push(format!("{}: checkpoint {va}, now missing", path(key))),
                 }
             }
-            for (key, vb) in b {
-                if !a.contains_key(key) {
-                    let path = if at.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{at}.{key}")
-                    };
-                    out.push(format!("{path}: checkpoint missing, now {vb}"));
-                }
+            for (key, vb) in b.iter().filter(|(key, _)| !a.contains_key(*key)) {
+                out.push(format!("{}: checkpoint missing, now {vb}", path(key)));
             }
         }
         _ if a != b => out.push(format!("{at}: checkpoint {a}, now {b}")),
