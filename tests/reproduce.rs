@@ -1,5 +1,5 @@
 //! `cargo xtask reproduce`'s code path on a miniature grid: tiny generated MNIST, one ratio,
-//! class- and group-wise distillation of two iterations, floors and baselines. Checks that every
+//! class- and group-wise distillation (DC, and DM with DSA) of two iterations, floors and baselines. Checks that every
 //! output file exists and parses, that a second run recomputes nothing, that an interrupted run
 //! resumes to the same synthetic sets, and that changed settings are refused.
 
@@ -18,7 +18,7 @@ use debiasdd_reproduce::{
 fn miniature() -> ReproduceConfig {
     let mut c = ReproduceConfig::preset(ReproducePreset::Quick);
     c.ratios = vec![0.2];
-    c.modes = vec![MatchMode::Class, MatchMode::Group];
+    c.retain(None, Some(&[MatchMode::Class, MatchMode::Group]));
     c.cmnist.train_size = 400;
     c.cmnist.valid_size = 0;
     c.distill.iterations = Some(2);
@@ -89,14 +89,14 @@ fn miniature_grid_writes_every_output_resumes_and_refuses_changed_settings() -> 
         datasets: tmp.path().join("cmnist"),
     };
     let (outcome, started) = run(&config, &mnist, &paths, false)?;
-    assert_eq!((outcome, started), (Outcome::Complete, 6));
+    assert_eq!((outcome, started), (Outcome::Complete, 8));
 
     // results.json: every cell, nothing pending, one summary row per method.
     let results: Results =
         serde_json::from_str(&std::fs::read_to_string(paths.out.join("results.json"))?)?;
-    assert_eq!(results.cells.len(), 6);
+    assert_eq!(results.cells.len(), 8);
     assert!(results.pending.is_empty());
-    assert_eq!(results.summary.len(), 6);
+    assert_eq!(results.summary.len(), 8);
     for cell in &results.cells {
         let acc = cell.report.summary.accuracy.mean;
         assert!((0.0..=100.0).contains(&acc), "{}: {acc}", cell.id);
@@ -115,16 +115,21 @@ fn miniature_grid_writes_every_output_resumes_and_refuses_changed_settings() -> 
         "DC group-wise (debiased)",
         "random real, group-stratified",
         "full data, group-balanced ERM",
-        "figures/synthetic-r0.2.png",
+        "DM group-wise (debiased)",
+        "figures/synthetic-r0.2-dc.png",
+        "figures/synthetic-r0.2-dm.png",
     ] {
         assert!(md.contains(needle), "results.md lacks {needle:?}:\n{md}");
     }
-    // Figures: Figure 2 (two 10-row grids side by side), plots, one heat map per method.
-    let fig = image::open(paths.out.join("figures/synthetic-r0.2.png"))?;
-    assert!(
-        fig.width() > 2 * fig.height() / 2,
-        "two panels side by side"
-    );
+    // Figures: Figure 2 per method (two 10-row grids side by side), plots, one heat map per
+    // method.
+    for method in ["dc", "dm"] {
+        let fig = image::open(paths.out.join(format!("figures/synthetic-r0.2-{method}.png")))?;
+        assert!(
+            fig.width() > 2 * fig.height() / 2,
+            "{method}: two panels side by side"
+        );
+    }
     for svg in ["accuracy-vs-ratio.svg", "worst-group-vs-ratio.svg"] {
         let text = std::fs::read_to_string(paths.out.join("figures").join(svg))?;
         assert!(
@@ -138,7 +143,7 @@ fn miniature_grid_writes_every_output_resumes_and_refuses_changed_settings() -> 
             .join(format!("figures/heat-r0.2-{}.png", cell.cell.method.slug()));
         image::open(&heat)?;
     }
-    for mode in ["dc-class", "dc-group"] {
+    for mode in ["dc-class", "dc-group", "dm-class", "dm-group"] {
         let dir = paths.out.join("cells").join(format!("r0.2-s0-{mode}"));
         image::open(dir.join("grid.png"))?;
         let history = std::fs::read_to_string(dir.join("history.jsonl"))?;
@@ -159,7 +164,7 @@ fn miniature_grid_writes_every_output_resumes_and_refuses_changed_settings() -> 
     assert!(first_distill.join("checkpoint.safetensors").is_file());
     assert!(!first_distill.join("result.json").exists());
     assert_eq!(run(&config, &mnist, &resumed, false)?.0, Outcome::Complete);
-    for mode in ["dc-class", "dc-group"] {
+    for mode in ["dc-class", "dc-group", "dm-class", "dm-group"] {
         let file = format!("cells/r0.2-s0-{mode}/synthetic.safetensors");
         let load = |root: &Path| SyntheticSet::load(&root.join(&file));
         let (a, b) = (load(&paths.out)?, load(&resumed.out)?);

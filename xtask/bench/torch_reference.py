@@ -27,10 +27,24 @@ DC code writes it (a Python loop over matching terms, each with its own forward 
   dc_iteration_quick_w32/group          the same over the 100 (class, colour) groups: real batch
                                         of min(16, group size), one synthetic image per group
 
+and one whole DM iteration of debiasdd's quick preset, written as the official `main_DM.py`
+writes it (a loop over matching terms; real embeddings under no gradient, `.detach()`):
+
+  dm_iteration_quick_w32/class          fresh network (parameters frozen); for each class: real
+                                        batch of 256, mean embedding of it and of the class's 10
+                                        synthetic images, squared distance summed; one SGD step
+                                        (lr 1.0, momentum 0.5) on the synthetic images
+  dm_iteration_quick_w32/group          the same over the (class, colour) groups: real batch of
+                                        min(64, group size), one synthetic image per group
+
 With --paper-iteration only the paper preset's iteration is timed (width 128, ipc 10, 10 outer
 steps, 50 inner epochs, real batch 256 in both modes, ratio 0.1 as `xtask/gpu/check.sh` uses):
 
   dc_iteration_paper_w128/class, dc_iteration_paper_w128/group
+
+and DM's paper iteration (width 128, real batch 256 per term, ratio 0.1):
+
+  dm_iteration_paper_w128/class, dm_iteration_paper_w128/group
 
 --device cuda runs everything selected on the GPU (ids then end in `_cuda` instead of `_cpu`;
 timings synchronise the device). PyTorch's defaults are kept: cuDNN convolutions may use TF32
@@ -132,6 +146,11 @@ PAPER_ITERATION = dict(outer_loop=10, inner_loop=50, lr_img=0.1, momentum_img=0.
                        batch_train=256, width=128, batch_real={"class": 256, "group": 256},
                        conflict_ratio=0.1)
 SPLIT_SIZE = 45_000
+# debiasdd's DM presets (the official main_DM.py values for the images' optimiser).
+DM_QUICK_ITERATION = dict(lr_img=1.0, momentum_img=0.5, width=32,
+                          batch_real={"class": 256, "group": 64}, conflict_ratio=0.01)
+DM_PAPER_ITERATION = dict(lr_img=1.0, momentum_img=0.5, width=128,
+                          batch_real={"class": 256, "group": 256}, conflict_ratio=0.1)
 
 
 def biased_split(
@@ -202,6 +221,58 @@ def dc_iteration(
                     optimizer_net.zero_grad()
                     F.cross_entropy(net(train_x[b]), train_y[b]).backward()
                     optimizer_net.step()
+        return loss
+
+    return run
+
+
+def terms_of(mode: str, labels: torch.Tensor, groups: torch.Tensor):
+    """The matching terms of `mode`: their keys (classes or non-empty groups), the members of
+    each, its class and its number of synthetic images (10 per class, or 1 per group)."""
+    if mode == "class":
+        keys, key_of, syn_per_term = list(range(CLASSES)), labels, SYN_PER_CLASS
+    else:
+        keys, key_of = list(range(CLASSES * CLASSES)), groups
+        syn_per_term = SYN_PER_CLASS // CLASSES
+    members = {k: torch.nonzero(key_of == k).flatten() for k in keys}
+    keys = [k for k in keys if len(members[k]) > 0]
+    term_class = {k: (k if mode == "class" else k // CLASSES) for k in keys}
+    return keys, members, term_class, syn_per_term
+
+
+def dm_iteration(
+    mode: str, generator: torch.Generator, q: dict, device: torch.device
+) -> Callable[[], object]:
+    """One DM iteration as `main_DM.py` (ConvNet branch, no DSA): a fresh network whose
+    parameters do not require gradients; per term the mean embedding of a real batch
+    (detached) against that of the term's synthetic images; one SGD step on the images."""
+    images, labels, groups = biased_split(generator, q["conflict_ratio"])
+    images = images.to(device)
+    batch_real = q["batch_real"][mode]
+    keys, members, _, syn_per_term = terms_of(mode, labels, groups)
+    syn = torch.randn(len(keys) * syn_per_term, CHANNELS, IMAGE, IMAGE, generator=generator)
+    syn = syn.to(device).requires_grad_(True)
+    optimizer_img = torch.optim.SGD([syn], lr=q["lr_img"], momentum=q["momentum_img"])
+
+    def run() -> object:
+        net = conv_net(q["width"]).to(device).train()
+        for param in net.parameters():
+            param.requires_grad = False
+        embed = net[:-1]  # the features entering the classifier (flattened)
+        loss = torch.zeros((), device=device)
+        for t, k in enumerate(keys):
+            idx = members[k]
+            pick = idx[torch.randperm(len(idx), generator=generator)[:batch_real]]
+            img_real = images[pick.to(device)]
+            img_syn = syn[t * syn_per_term : (t + 1) * syn_per_term]
+            output_real = embed(img_real).detach()
+            output_syn = embed(img_syn)
+            loss = loss + torch.sum(
+                (torch.mean(output_real, dim=0) - torch.mean(output_syn, dim=0)) ** 2
+            )
+        optimizer_img.zero_grad()
+        loss.backward()
+        optimizer_img.step()
         return loss
 
     return run
@@ -280,6 +351,8 @@ def cases(width: int, device: torch.device) -> dict[str, object]:
         for mode in ("class", "group"):
             # Built lazily: the split takes a moment and memory only when the id is selected.
             out[f"dc_iteration_quick_w{width}/{mode}"] = (mode, generator, QUICK_ITERATION, device)
+            out[f"dm_iteration_quick_w{width}/{mode}"] = (
+                dm_iteration, mode, generator, DM_QUICK_ITERATION, device)
     return out
 
 
@@ -288,10 +361,14 @@ def paper_cases(device: torch.device) -> dict[str, object]:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     width = PAPER_ITERATION["width"]
-    return {
+    out: dict[str, object] = {
         f"dc_iteration_paper_w{width}/{mode}": (mode, generator, PAPER_ITERATION, device)
         for mode in ("class", "group")
     }
+    for mode in ("class", "group"):
+        out[f"dm_iteration_paper_w{width}/{mode}"] = (
+            dm_iteration, mode, generator, DM_PAPER_ITERATION, device)
+    return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -335,7 +412,7 @@ def main(argv: list[str]) -> int:
             if pattern and not pattern.search(name):
                 continue
             if isinstance(fn, tuple):
-                fn = dc_iteration(*fn)
+                fn = fn[0](*fn[1:]) if callable(fn[0]) else dc_iteration(*fn)
             ms = median_ms(fn, args.runs, args.warmup, device)
             results[name] = round(ms, 3)
             print(f"torch: {name}: {ms:.2f} ms (median of {args.runs})", file=sys.stderr)

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use debiasdd_distill::{Init, MatchMode};
+use debiasdd_distill::{Init, MatchMode, MethodKind};
 use debiasdd_reproduce::{Event, Outcome, Paths, ReproduceConfig, ReproduceError, ReproducePreset};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -16,8 +16,9 @@ use crate::download;
 
 #[derive(Debug, clap::Args)]
 pub struct ReproduceArgs {
-    /// quick: the whole grid on a 2-core CPU in under an hour (1 seed, class- and group-wise);
-    /// paper: the protocol (3 seeds, all three modes, width 128, 1000 iterations; a GPU job).
+    /// demo: the story in minutes (ratio 0.01; DC and DM, class- against group-wise; floors);
+    /// quick: every ratio on a 2-core CPU (DC class/group, DM over all four strata);
+    /// paper: the protocol (3 seeds, DC and DM over all four strata, width 128; a GPU job).
     #[arg(long, default_value = "quick")]
     preset: ReproducePreset,
     /// Folder with the four MNIST files (`NAME.gz` or raw). Without it (and without
@@ -39,18 +40,28 @@ pub struct ReproduceArgs {
     /// Ratios of the grid (comma-separated) [preset: 0.005,0.01,0.02,0.05,0.1].
     #[arg(long, value_delimiter = ',')]
     ratios: Option<Vec<f64>>,
-    /// Matching modes (comma-separated: class, group, class-vs-groups) [preset].
+    /// Keep only these methods' distillations (comma-separated: dc, dm) [preset's].
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<MethodKind>>,
+    /// Keep only these strata's distillations (comma-separated: class, group, class-vs-groups,
+    /// class-vs-group-mean) [preset's].
     #[arg(long, value_delimiter = ',')]
     modes: Option<Vec<MatchMode>>,
     /// Seeds (comma-separated) [preset: quick 0, paper 0,1,2].
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
-    /// Distillation iterations [preset].
+    /// Distillation iterations of every method [preset: per method].
     #[arg(long)]
     iterations: Option<usize>,
-    /// Synthetic initialisation: noise or real [noise].
+    /// Synthetic initialisation: noise or real [the method's: DC noise, DM real].
     #[arg(long)]
     init: Option<Init>,
+    /// Differentiable Siamese augmentation for every method [the method's: DC off, DM on].
+    #[arg(long, conflicts_with = "no_dsa")]
+    dsa: bool,
+    /// No differentiable Siamese augmentation for any method.
+    #[arg(long)]
+    no_dsa: bool,
     /// Accept MNIST files whose checksum differs from the published dataset.
     #[arg(long)]
     skip_checksum: bool,
@@ -62,17 +73,18 @@ impl ReproduceArgs {
         if let Some(r) = &self.ratios {
             c.ratios = r.clone();
         }
-        if let Some(m) = &self.modes {
-            c.modes = m.clone();
-        }
+        c.retain(self.methods.as_deref(), self.modes.as_deref());
         if let Some(s) = &self.seeds {
             c.seeds = s.clone();
         }
         if let Some(i) = self.iterations {
             c.distill.iterations = Some(i);
         }
-        if let Some(init) = self.init {
-            c.distill.init = init;
+        if self.init.is_some() {
+            c.distill.init = self.init;
+        }
+        if self.dsa || self.no_dsa {
+            c.distill.dsa = Some(self.dsa);
         }
         c
     }
@@ -118,13 +130,13 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
     }
 
     println!(
-        "reproduce: preset {}, ratios {:?}, modes {}, seeds {:?}, device {} -> {}",
+        "reproduce: preset {}, ratios {:?}, distillations {}, seeds {:?}, device {} -> {}",
         config.preset,
         config.ratios,
         config
-            .modes
+            .distillations
             .iter()
-            .map(|m| m.name())
+            .map(|d| format!("{}-{}", d.method, d.mode))
             .collect::<Vec<_>>()
             .join(", "),
         config.seeds,

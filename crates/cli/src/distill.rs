@@ -1,5 +1,6 @@
 //! `debiasdd distill`: learns a synthetic set from a Colored MNIST train split with a method (DC
-//! gradient matching) over strata (class-wise, group-wise or class-vs-groups), with checkpoints,
+//! gradient matching or DM distribution matching) over strata (class-wise, group-wise,
+//! class-vs-groups or class-vs-group-mean), with checkpoints,
 //! resume, grids and a progress bar. The loop and its driver are `debiasdd_distill`'s; this
 //! module wires options, files and Ctrl-C to them.
 
@@ -22,16 +23,20 @@ pub struct DistillArgs {
     /// Colored MNIST file (its train split is distilled).
     #[arg(long)]
     data: PathBuf,
-    /// What is matched: dc (gradient matching).
+    /// What is matched: dc (gradients of a network trained on the way) or dm (mean embeddings
+    /// of fresh random networks).
     #[arg(long, default_value = "dc")]
     method: MethodKind,
-    /// class (vanilla), group (debiased, one term per (class, colour)) or class-vs-groups
-    /// (FairDD).
+    /// class (vanilla), group (debiased, one term per (class, colour)), class-vs-groups (FairDD:
+    /// the class against each of its groups) or class-vs-group-mean (COBRA: the class against
+    /// the unweighted mean of its groups).
     #[arg(long, default_value = "group")]
     mode: MatchMode,
-    /// quick: DC at width 32, real batch 64 per class or 16 per group, loops 5/10, 20 iterations
-    /// (minutes on a 2-core CPU);
-    /// paper: the protocol (width 128, real batch 256, loops from the ipc table, 1000 iterations).
+    /// quick: minutes on a 2-core CPU at width 32 (DC: real batch 64 per class or 16 per group,
+    /// loops 5/10, 20 iterations; DM: real init, 256 per class or 64 per group, 1000
+    /// iterations);
+    /// paper: the method's protocol (width 128, real batch 256; DC: loops from the ipc table,
+    /// 1000 iterations; DM: 20000 iterations).
     #[arg(long, default_value = "quick")]
     preset: Preset,
     /// Synthetic images per class.
@@ -56,7 +61,7 @@ pub struct DistillArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// noise (N(0,1) in normalised space) or real (random real images of the image's group or
-    /// class).
+    /// class) [DC noise, DM real].
     #[arg(long)]
     init: Option<Init>,
     /// Iterations [preset].
@@ -77,7 +82,7 @@ pub struct DistillArgs {
     /// DC: network epochs on the synthetic set between updates [preset].
     #[arg(long)]
     inner_loop: Option<usize>,
-    /// Learning rate of the synthetic images [0.1].
+    /// Learning rate of the synthetic images [DC 0.1, DM 1.0].
     #[arg(long)]
     lr_img: Option<f64>,
     /// DC: learning rate of the inner-loop network training [0.01].

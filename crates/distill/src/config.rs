@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use debiasdd_augment::DsaConfig;
 use debiasdd_model::ConvNetConfig;
 use serde::{Deserialize, Serialize};
 
@@ -99,11 +100,23 @@ pub struct Settings {
     pub init: Init,
     /// The network matched through.
     pub model: ConvNetConfig,
-    /// Seed of every random choice (initialisation, networks, real batches, training order).
+    /// Seed of every random choice (initialisation, networks, real batches, training order,
+    /// augmentation).
     pub seed: u64,
+    /// Differentiable Siamese augmentation (DSA) of every matching term, `None` for none: one
+    /// transform per synthetic segment and step, applied to the segment's synthetic images and
+    /// to the real images of its strata alike. DC also augments its inner-loop training with it
+    /// (per image, as the official code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsa: Option<DsaConfig>,
 }
 
 impl Settings {
+    /// Turns DSA on (the official parameters for digits: no flip) or off.
+    pub fn set_dsa(&mut self, on: bool) {
+        self.dsa = on.then(DsaConfig::default);
+    }
+
     /// Number of synthetic images.
     pub fn n_synthetic(&self) -> usize {
         self.ipc * self.model.n_classes
@@ -150,6 +163,9 @@ impl Settings {
                     self.ipc
                 ),
             ));
+        }
+        if let Some(dsa) = &self.dsa {
+            dsa.validate().map_err(|e| invalid("dsa", e.to_string()))?;
         }
         self.model
             .validate()

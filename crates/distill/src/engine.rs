@@ -8,13 +8,15 @@
 //!
 //! Randomness: the synthetic initialisation uses stream 0 of a ChaCha8 generator seeded with the
 //! seed; iteration `i` uses stream `i + 1` for everything it draws (the method's state, real
-//! batches, training order). The state between iterations is therefore the synthetic images,
+//! batches, training order) and, with DSA, stream `DSA_STREAM + i + 1` for the Siamese
+//! augmentation of its steps (so turning DSA on changes no other draw). The state between iterations is therefore the synthetic images,
 //! their momentum and the iteration number, which is what a checkpoint holds
 //! ([`crate::checkpoint`]).
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
+use debiasdd_augment::{Transform, augment};
 use debiasdd_cmnist::colored::Split;
 use debiasdd_eval::data::{ImageSet, Normalization, SyntheticSet};
 use debiasdd_model::backend::{ConvPath, Route};
@@ -28,6 +30,8 @@ use crate::strata::{MatchingPlan, RealBatch};
 
 const SIDE: usize = 28;
 const CHANNELS: usize = 3;
+/// First stream of the Siamese augmentation draws (iteration `i` uses `DSA_STREAM + i + 1`).
+const DSA_STREAM: u64 = 1 << 63;
 
 /// The generator of stream `stream` under `seed`.
 pub(crate) fn rng_for(seed: u64, stream: u64) -> ChaCha8Rng {
@@ -290,14 +294,50 @@ impl<M: Matcher> Distiller<M> {
         let mut real_images = 0;
         let mut watch = Stopwatch::start(&self.device);
         let (mut real_seconds, mut synthetic_seconds, mut inner_seconds) = (0.0, 0.0, 0.0);
+        let mut dsa_rng = rng_for(self.settings.seed, DSA_STREAM + self.iteration as u64 + 1);
         for step in 0..steps {
-            let real =
+            let mut real =
                 self.plan
                     .draw_real(&self.real_images, self.settings.batch_real, &mut rng)?;
+            // Siamese augmentation: one transform per synthetic segment, for its synthetic
+            // images and the real images of its strata.
+            let syn_transforms = match &self.settings.dsa {
+                Some(dsa) => {
+                    let per_segment: Vec<Transform> = (0..self.plan.syn_segments().count())
+                        .map(|_| dsa.draw_siamese(&mut dsa_rng))
+                        .collect();
+                    let stratum_segments = self.plan.stratum_segments();
+                    let per_real: Vec<Transform> = real
+                        .segments
+                        .lens()
+                        .iter()
+                        .zip(&stratum_segments)
+                        .flat_map(|(&len, &s)| std::iter::repeat_n(&per_segment[s], len))
+                        .cloned()
+                        .collect();
+                    real.images = augment(&real.images, &per_real)?;
+                    let per_syn: Vec<Transform> = self
+                        .plan
+                        .syn_segments()
+                        .lens()
+                        .iter()
+                        .zip(&per_segment)
+                        .flat_map(|(&len, t)| std::iter::repeat_n(t, len))
+                        .cloned()
+                        .collect();
+                    Some(per_syn)
+                }
+                None => None,
+            };
             let target = self.matcher.target(&problem, &real)?;
             real_images += real.segments.total();
             real_seconds += watch.split()?;
-            let loss = target.loss(self.synthetic.as_tensor())?;
+            let loss = match &syn_transforms {
+                Some(transforms) => {
+                    target.loss(&augment(self.synthetic.as_tensor(), transforms)?)?
+                }
+                None => target.loss(self.synthetic.as_tensor())?,
+            };
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 let advice = self.matcher.non_finite_hints();
@@ -380,6 +420,16 @@ fn initial_synthetic(
             }
             let mut picks = vec![0u32; n];
             for (pool, slots) in &by_pool {
+                if pool.len() < slots.len() {
+                    let first = slots[0];
+                    tracing::warn!(
+                        class = plan.syn_labels()[first],
+                        group = ?plan.syn_groups()[first],
+                        real = pool.len(),
+                        synthetic = slots.len(),
+                        "real init: fewer real images than synthetic images start from them; drawing with replacement, so some start as copies (use --init noise or a smaller --ipc to avoid it)"
+                    );
+                }
                 let k = slots.len().min(pool.len());
                 let mut drawn: Vec<usize> = rand::seq::index::sample(&mut rng, pool.len(), k)
                     .into_iter()

@@ -1,7 +1,7 @@
 //! Debiased dataset distillation: strata x method. The strata ([`strata`]) say which real images
-//! form each matching term (per class, per (class, colour) group, or FairDD's class against
-//! groups); the method ([`Matcher`]) says what is matched over those terms (DC: gradients,
-//! [`dc`]). One loop ([`Distiller`]), one checkpoint format ([`checkpoint`]) and one resumable
+//! form each matching term (per class, per (class, colour) group, FairDD's class against groups,
+//! or COBRA's class against the mean of its groups); the method ([`Matcher`]) says what is
+//! matched over those terms (DC: gradients, [`dc`]; DM: embeddings, [`dm`]). One loop ([`Distiller`]), one checkpoint format ([`checkpoint`]) and one resumable
 //! driver ([`driver::drive`]) serve every method; [`method`] is the registry that names them.
 //!
 //! Sits above the data layer (`debiasdd-cmnist`, `debiasdd-groups`), the networks and their
@@ -39,6 +39,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod dc;
+pub mod dm;
 pub mod driver;
 pub mod engine;
 pub mod error;
@@ -49,9 +50,10 @@ pub mod strata;
 
 pub use config::{DistillConfig, Init, Preset, Settings};
 pub use dc::{Dc, DcConfig, Distance, MatchingTarget, loops_for_ipc};
+pub use dm::{Dm, DmConfig};
 pub use driver::{RunFiles, RunOutcome, drive};
 pub use engine::{Distiller, IterationStats};
 pub use error::DistillError;
 pub use matcher::{Matcher, NonFiniteHints, Problem, Target};
 pub use method::{MethodConfig, MethodKind};
-pub use strata::{MatchMode, MatchingPlan, RealBatch};
+pub use strata::{MatchMode, MatchingPlan, RealBatch, Term};

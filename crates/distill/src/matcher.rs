@@ -18,6 +18,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use debiasdd_model::backend::Route;
+use debiasdd_model::{ModelConfig, Network};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::Settings;
@@ -137,4 +138,23 @@ impl<M: Matcher + ?Sized> Matcher for Box<M> {
     fn non_finite_hints(&self) -> NonFiniteHints {
         (**self).non_finite_hints()
     }
+}
+
+/// A fresh, randomly initialised ConvNet of the run's settings, its parameters (detached) in
+/// parameter order, drawn from `rng` (DC and DM draw one per iteration).
+pub fn fresh_network(
+    problem: &Problem<'_>,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Tensor>, DistillError> {
+    let network = Network::new(
+        &ModelConfig::ConvNet(problem.settings.model.clone()),
+        rng,
+        problem.device,
+        problem.dtype,
+    )?;
+    Ok(network
+        .vars()
+        .iter()
+        .map(|v| v.as_detached_tensor())
+        .collect())
 }

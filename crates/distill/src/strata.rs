@@ -1,11 +1,12 @@
 //! The strata of a run: which synthetic images and which real images form each matching term.
 //!
-//! Independent of the method: DC matches gradients over these terms, a distribution-matching
-//! method would match embeddings over the same ones. A [`MatchingPlan`] orders the synthetic set
-//! class by class (and by colour within a class in group mode), lists the real strata (classes
-//! or non-empty groups) the real batches are drawn from, and pairs every term's synthetic
-//! segment with its stratum. [`MatchingPlan::draw_real`] draws one step's real batch from every
-//! stratum.
+//! Independent of the method: DC matches gradients over these terms, DM embeddings over the
+//! same ones. A [`MatchingPlan`] orders the synthetic set class by class (and by colour within a
+//! class in group mode), lists the real strata (classes or non-empty groups) the real batches
+//! are drawn from, and gives every [`Term`] its synthetic segment and its strata (one, or in
+//! COBRA's mode all of the class's groups, whose statistics are averaged unweighted).
+//! [`MatchingPlan::draw_real`] draws one step's real batch from every stratum, so in the group
+//! modes every present group, minorities included, is in every step.
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,16 +32,30 @@ pub enum MatchMode {
     /// FairDD's variant: each class's synthetic statistic is matched against the real one of
     /// every non-empty group of that class, the terms summed.
     ClassVsGroups,
+    /// COBRA's barycenter: each class's synthetic statistic is matched against the unweighted
+    /// mean of the real statistics of the class's non-empty groups (one term per class).
+    ClassVsGroupMean,
 }
 
 impl MatchMode {
-    pub const ALL: [MatchMode; 3] = [MatchMode::Class, MatchMode::Group, MatchMode::ClassVsGroups];
+    pub const ALL: [MatchMode; 4] = [
+        MatchMode::Class,
+        MatchMode::Group,
+        MatchMode::ClassVsGroups,
+        MatchMode::ClassVsGroupMean,
+    ];
+
+    /// Whether the real batches are drawn per (class, colour) group.
+    pub fn per_group(self) -> bool {
+        self != MatchMode::Class
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             MatchMode::Class => "class",
             MatchMode::Group => "group",
             MatchMode::ClassVsGroups => "class-vs-groups",
+            MatchMode::ClassVsGroupMean => "class-vs-group-mean",
         }
     }
 
@@ -50,6 +65,7 @@ impl MatchMode {
             MatchMode::Class => "class-wise",
             MatchMode::Group => "group-wise (debiased)",
             MatchMode::ClassVsGroups => "class-vs-groups (FairDD)",
+            MatchMode::ClassVsGroupMean => "class-vs-group-mean (COBRA)",
         }
     }
 }
@@ -68,7 +84,9 @@ impl FromStr for MatchMode {
             .into_iter()
             .find(|v| v.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
-                format!("unknown value `{s}`; expected one of: class, group, class-vs-groups")
+                format!(
+                    "unknown value `{s}`; expected one of: class, group, class-vs-groups, class-vs-group-mean"
+                )
             })
     }
 }
@@ -92,6 +110,28 @@ pub struct RealBatch {
     pub segments: Segments,
 }
 
+/// One matching term: a synthetic segment against the unweighted mean of the real statistics
+/// of one or more strata (one stratum in every mode but [`MatchMode::ClassVsGroupMean`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Term {
+    /// Index into [`MatchingPlan::syn_segments`].
+    pub syn_segment: usize,
+    /// Indices into [`MatchingPlan::strata`], at least one.
+    pub strata: Vec<usize>,
+}
+
+/// How per-stratum real rows become per-term rows.
+#[derive(Debug, Clone)]
+enum RealMix {
+    /// Terms and strata coincide, in order.
+    Identity,
+    /// Term t takes the row of stratum `index[t]`.
+    Select(Tensor),
+    /// Term t takes row t of `weights` (terms x strata) times the strata's rows: the unweighted
+    /// mean of its strata.
+    Mean(Tensor),
+}
+
 /// The terms of every step of a run, fixed by the strata and the train split's groups.
 #[derive(Debug, Clone)]
 pub struct MatchingPlan {
@@ -101,18 +141,18 @@ pub struct MatchingPlan {
     syn_labels: Vec<u8>,
     syn_groups: Vec<Option<u16>>,
     strata: Vec<Stratum>,
-    /// (synthetic segment, stratum) of every term.
-    pairs: Vec<(usize, usize)>,
+    terms: Vec<Term>,
     /// Groups without real samples (they contribute no term).
     empty_groups: Vec<u16>,
     /// Train-split indices of every group and of every class (for real initialisation).
     group_members: Vec<Vec<usize>>,
     class_members: Vec<Vec<usize>>,
-    /// The synthetic labels as a U32 tensor, and the index tensors that expand per-segment and
-    /// per-stratum rows into per-term rows (`None` where terms and rows coincide).
+    /// The synthetic labels as a U32 tensor, the index tensor that expands per-segment rows
+    /// into per-term rows (`None` where terms and segments coincide), and how per-stratum rows
+    /// become per-term rows.
     syn_label_tensor: Tensor,
     syn_index: Option<Tensor>,
-    real_index: Option<Tensor>,
+    real_mix: RealMix,
 }
 
 impl MatchingPlan {
@@ -141,24 +181,30 @@ impl MatchingPlan {
         let syn_labels: Vec<u8> = (0..n_classes)
             .flat_map(|c| std::iter::repeat_n(c as u8, ipc))
             .collect();
+        // The non-empty groups as strata, and (group, stratum) of each.
         let group_strata = || {
             let mut strata = Vec::new();
-            let mut stratum_of_group = vec![None; spec.n_groups()];
-            for (group, slot) in stratum_of_group.iter_mut().enumerate() {
+            let mut present = Vec::new();
+            for group in 0..spec.n_groups() {
                 let members = index.members(group);
                 if !members.is_empty() {
-                    *slot = Some(strata.len());
+                    present.push((group, strata.len()));
                     strata.push(Stratum {
                         class: (group / n_attr) as u8,
                         members: members.to_vec(),
                     });
                 }
             }
-            (strata, stratum_of_group)
+            (strata, present)
         };
-        let (syn_segments, syn_groups, strata, pairs): (_, _, _, Vec<(usize, usize)>) = match mode {
+        let one = |syn_segment: usize, stratum: usize| Term {
+            syn_segment,
+            strata: vec![stratum],
+        };
+        let per_class = || Segments::uniform(n_classes, ipc);
+        let (syn_segments, syn_groups, strata, terms): (_, _, _, Vec<Term>) = match mode {
             MatchMode::Class => (
-                Segments::uniform(n_classes, ipc)?,
+                per_class()?,
                 vec![None; n_classes * ipc],
                 class_members
                     .iter()
@@ -168,16 +214,12 @@ impl MatchingPlan {
                         members: members.clone(),
                     })
                     .collect(),
-                (0..n_classes).map(|c| (c, c)).collect(),
+                (0..n_classes).map(|c| one(c, c)).collect(),
             ),
             MatchMode::Group => {
                 let per_group = ipc / n_attr;
-                let (strata, stratum_of_group) = group_strata();
-                let pairs = stratum_of_group
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(g, s)| s.map(|s| (g, s)))
-                    .collect();
+                let (strata, present) = group_strata();
+                let terms = present.iter().map(|&(g, s)| one(g, s)).collect();
                 let syn_groups = (0..n_classes * ipc)
                     .map(|i| {
                         let (class, j) = (i / ipc, i % ipc);
@@ -188,26 +230,35 @@ impl MatchingPlan {
                     Segments::uniform(spec.n_groups(), per_group)?,
                     syn_groups,
                     strata,
-                    pairs,
+                    terms,
                 )
             }
             MatchMode::ClassVsGroups => {
-                let (strata, stratum_of_group) = group_strata();
-                let pairs = stratum_of_group
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(g, s)| s.map(|s| (g / n_attr, s)))
+                let (strata, present) = group_strata();
+                let terms = present.iter().map(|&(g, s)| one(g / n_attr, s)).collect();
+                (per_class()?, vec![None; n_classes * ipc], strata, terms)
+            }
+            MatchMode::ClassVsGroupMean => {
+                let (strata, present) = group_strata();
+                let terms = (0..n_classes)
+                    .map(|c| Term {
+                        syn_segment: c,
+                        strata: present
+                            .iter()
+                            .filter(|&&(g, _)| g / n_attr == c)
+                            .map(|&(_, s)| s)
+                            .collect(),
+                    })
                     .collect();
-                (
-                    Segments::uniform(n_classes, ipc)?,
-                    vec![None; n_classes * ipc],
-                    strata,
-                    pairs,
-                )
+                (per_class()?, vec![None; n_classes * ipc], strata, terms)
             }
         };
-        let (syn_index, real_index) =
-            pair_indices(&pairs, syn_segments.count(), strata.len(), device)?;
+        let syn_index = expand_index(
+            terms.iter().map(|t| t.syn_segment as u32).collect(),
+            syn_segments.count(),
+            device,
+        )?;
+        let real_mix = real_mix(&terms, strata.len(), device)?;
         Ok(Self {
             mode,
             syn_label_tensor: label_tensor(&syn_labels, device)?,
@@ -215,12 +266,12 @@ impl MatchingPlan {
             syn_labels,
             syn_groups,
             strata,
-            pairs,
+            terms,
             empty_groups,
             group_members,
             class_members,
             syn_index,
-            real_index,
+            real_mix,
         })
     }
 
@@ -253,13 +304,25 @@ impl MatchingPlan {
         &self.strata
     }
 
-    /// (synthetic segment, stratum) of every matching term.
-    pub fn pairs(&self) -> &[(usize, usize)] {
-        &self.pairs
+    /// The matching terms: each a synthetic segment against the mean of its strata.
+    pub fn terms(&self) -> &[Term] {
+        &self.terms
     }
 
     pub fn n_terms(&self) -> usize {
-        self.pairs.len()
+        self.terms.len()
+    }
+
+    /// The synthetic segment every stratum is matched against (each stratum belongs to exactly
+    /// one term in every mode), in [`Self::strata`] order.
+    pub fn stratum_segments(&self) -> Vec<usize> {
+        let mut out = vec![0; self.strata.len()];
+        for term in &self.terms {
+            for &s in &term.strata {
+                out[s] = term.syn_segment;
+            }
+        }
+        out
     }
 
     /// Groups with no real training images; in group modes they get no matching term.
@@ -267,10 +330,36 @@ impl MatchingPlan {
         &self.empty_groups
     }
 
-    /// Index tensors (term -> synthetic segment, term -> stratum) that expand per-segment and
-    /// per-stratum rows into per-term rows; `None` where terms and rows coincide, in order.
-    pub fn term_indices(&self) -> (Option<&Tensor>, Option<&Tensor>) {
-        (self.syn_index.as_ref(), self.real_index.as_ref())
+    /// The index tensor (term -> synthetic segment) that expands per-segment rows into per-term
+    /// rows; `None` where terms and segments coincide, in order.
+    pub fn syn_index(&self) -> Option<&Tensor> {
+        self.syn_index.as_ref()
+    }
+
+    /// Per-segment synthetic rows (one tensor per statistic, each (segments, ...)) as per-term
+    /// rows (terms, ...).
+    pub fn syn_terms(&self, rows: Vec<Tensor>) -> Result<Vec<Tensor>, DistillError> {
+        select_rows(rows, self.syn_index.as_ref())
+    }
+
+    /// Per-stratum real rows (one tensor per statistic, each (strata, ...)) as per-term rows
+    /// (terms, ...): a term's row is its stratum's, or the unweighted mean of its strata's.
+    pub fn real_terms(&self, rows: Vec<Tensor>) -> Result<Vec<Tensor>, DistillError> {
+        match &self.real_mix {
+            RealMix::Identity => Ok(rows),
+            RealMix::Select(index) => select_rows(rows, Some(index)),
+            RealMix::Mean(weights) => rows
+                .iter()
+                .map(|r| {
+                    let dims = r.dims();
+                    let flat = r.flatten_from(1)?;
+                    let mixed = weights.to_dtype(r.dtype())?.matmul(&flat)?;
+                    let mut shape = dims.to_vec();
+                    shape[0] = weights.dim(0)?;
+                    Ok(mixed.reshape(shape)?)
+                })
+                .collect(),
+        }
     }
 
     /// Draws `min(batch, size)` images without replacement from every stratum of `images` (the
@@ -312,24 +401,39 @@ impl MatchingPlan {
     }
 }
 
-/// Index tensors that expand per-segment (per-stratum) rows into per-term rows; `None` when the
-/// terms are the segments themselves, in order.
-fn pair_indices(
-    pairs: &[(usize, usize)],
-    n_segments: usize,
-    n_strata: usize,
+/// The index tensor of `column` (one row index per term), or `None` when it is `0..count`.
+fn expand_index(
+    column: Vec<u32>,
+    count: usize,
     device: &Device,
-) -> Result<(Option<Tensor>, Option<Tensor>), DistillError> {
-    let expand = |column: Vec<u32>, count: usize| -> Result<Option<Tensor>, DistillError> {
-        if column.len() == count && column.iter().enumerate().all(|(i, &v)| i as u32 == v) {
-            Ok(None)
-        } else {
-            Ok(Some(Tensor::new(column.as_slice(), device)?))
+) -> Result<Option<Tensor>, DistillError> {
+    if column.len() == count && column.iter().enumerate().all(|(i, &v)| i as u32 == v) {
+        Ok(None)
+    } else {
+        Ok(Some(Tensor::new(column.as_slice(), device)?))
+    }
+}
+
+/// How the terms take their real rows from the strata's.
+fn real_mix(terms: &[Term], n_strata: usize, device: &Device) -> Result<RealMix, DistillError> {
+    if terms.iter().all(|t| t.strata.len() == 1) {
+        let column = terms.iter().map(|t| t.strata[0] as u32).collect();
+        return Ok(match expand_index(column, n_strata, device)? {
+            None => RealMix::Identity,
+            Some(index) => RealMix::Select(index),
+        });
+    }
+    let mut weights = vec![0f64; terms.len() * n_strata];
+    for (t, term) in terms.iter().enumerate() {
+        for &s in &term.strata {
+            weights[t * n_strata + s] = 1.0 / term.strata.len() as f64;
         }
-    };
-    let syn: Vec<u32> = pairs.iter().map(|&(s, _)| s as u32).collect();
-    let real: Vec<u32> = pairs.iter().map(|&(_, r)| r as u32).collect();
-    Ok((expand(syn, n_segments)?, expand(real, n_strata)?))
+    }
+    Ok(RealMix::Mean(Tensor::from_vec(
+        weights,
+        (terms.len(), n_strata),
+        device,
+    )?))
 }
 
 /// Class labels as a U32 tensor on `device`.

@@ -77,10 +77,14 @@ impl Matcher for MeanMatch {
         let syn: Vec<(usize, usize)> = problem.plan.syn_segments().ranges().collect();
         let mut real_means = Vec::new();
         let mut syn_ranges = Vec::new();
-        for &(segment, stratum) in problem.plan.pairs() {
-            let (start, len) = strata[stratum];
-            real_means.push(flat.narrow(0, start, len)?.mean(0)?);
-            syn_ranges.push(syn[segment]);
+        for term in problem.plan.terms() {
+            let means = term
+                .strata
+                .iter()
+                .map(|&s| flat.narrow(0, strata[s].0, strata[s].1)?.mean(0))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            real_means.push((Tensor::stack(&means, 0)?.mean(0))?);
+            syn_ranges.push(syn[term.syn_segment]);
         }
         Ok(Box::new(MeanTarget {
             real_means: Tensor::stack(&real_means, 0)?,

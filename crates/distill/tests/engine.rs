@@ -50,6 +50,7 @@ fn plans_follow_the_mode() -> anyhow::Result<()> {
         (MatchMode::Class, 10, false),
         (MatchMode::Group, 20, true),
         (MatchMode::ClassVsGroups, 20, false),
+        (MatchMode::ClassVsGroupMean, 10, false),
     ] {
         let d = Dc::distiller(tiny_config(mode), &split, &Device::Cpu, DType::F32)?;
         assert_eq!(d.n_terms(), terms, "{mode}");

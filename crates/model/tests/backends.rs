@@ -79,6 +79,10 @@ fn every_route_computes_the_same_passes() {
             })
             .collect();
         let reference_embeddings = net.embed(&xs, false).unwrap();
+        let emb_directions = reference_embeddings.randn_like(0., 1.).unwrap();
+        let first_eig = routes[0]
+            .embedding_input_gradient(config, &params, &xs, &emb_directions)
+            .unwrap();
         let reference_logits = net.forward_t(&xs, false).unwrap();
         let first = routes[0]
             .segment_gradients(config, &params, &xs, &labels, &segments)
@@ -115,6 +119,73 @@ fn every_route_computes_the_same_passes() {
             assert!(
                 d < 1e-9 * scale(&first_gog),
                 "{what}: gradient of gradients differs by {d}"
+            );
+            let eig = route
+                .embedding_input_gradient(config, &params, &xs, &emb_directions)
+                .unwrap();
+            let d = max_abs_diff(&eig, &first_eig);
+            assert!(
+                d < 1e-9 * scale(&first_eig),
+                "{what}: embedding input gradient differs by {d}"
+            );
+        }
+    }
+}
+
+/// A tensor of U(-1, 1) values drawn from `rng` (so that the test is the same every run).
+fn seeded(shape: &[usize], rng: &mut rand_chacha::ChaCha8Rng) -> Tensor {
+    use rand::Rng;
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// The native embedding input gradient against central finite differences of
+/// `sum_i <V_i, phi(x_i)>` along random directions, in f64. The step is small (1e-7) so that it
+/// rarely crosses a ReLU kink; the inputs are seeded, so the test is the same every run.
+#[test]
+fn embedding_input_gradient_matches_finite_differences() {
+    for (k, config) in configs().iter().enumerate() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10 + k as u64);
+        let model = ModelConfig::ConvNet(config.clone());
+        let net = Network::new(&model, &mut rng, &Device::Cpu, DType::F64).unwrap();
+        let params: Vec<Tensor> = net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+        let s = config.image_size;
+        let xs = seeded(&[3, config.in_channels, s, s], &mut rng);
+        let route = Route::native();
+        let dims = route
+            .embeddings(config, &params, &xs)
+            .unwrap()
+            .dims()
+            .to_vec();
+        let v = seeded(&dims, &mut rng);
+        let f = |x: &Tensor| -> f64 {
+            let e = route.embeddings(config, &params, x).unwrap();
+            (e * &v)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let dx = route
+            .embedding_input_gradient(config, &params, &xs, &v)
+            .unwrap();
+        for trial in 0..3 {
+            let u = seeded(xs.dims(), &mut rng);
+            let eps = 1e-7;
+            let plus = (&xs + (&u * eps).unwrap()).unwrap();
+            let minus = (&xs - (&u * eps).unwrap()).unwrap();
+            let numeric = (f(&plus) - f(&minus)) / (2.0 * eps);
+            let analytic = (&dx * &u)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                (numeric - analytic).abs() <= 1e-5 * analytic.abs().max(1.0),
+                "config {k} trial {trial}: finite difference {numeric} vs {analytic}"
             );
         }
     }

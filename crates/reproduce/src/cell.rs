@@ -44,14 +44,20 @@ impl Method {
         }
     }
 
-    /// Every method of a grid, in table order: baselines, floors, distilled sets.
+    /// Every method of a grid, in table order: baselines (unless the grid has none), floors,
+    /// distilled sets.
     pub fn all(config: &ReproduceConfig) -> Vec<Method> {
-        let mut methods = vec![
-            Method::Baseline(Sampling::Shuffle),
-            Method::Baseline(Sampling::GroupBalanced),
+        let mut methods = Vec::new();
+        if config.baselines {
+            methods.extend([
+                Method::Baseline(Sampling::Shuffle),
+                Method::Baseline(Sampling::GroupBalanced),
+            ]);
+        }
+        methods.extend([
             Method::Floor(Stratify::Class),
             Method::Floor(Stratify::Group),
-        ];
+        ]);
         methods.extend(config.distillations().into_iter().map(Method::Distill));
         methods
     }
@@ -106,7 +112,9 @@ pub fn plan(config: &ReproduceConfig) -> Vec<Cell> {
         for &seed in &config.seeds {
             let mut methods = Method::all(config);
             // Floors, then distillations, then the full-data baselines.
-            methods.rotate_left(2);
+            if config.baselines {
+                methods.rotate_left(2);
+            }
             cells.extend(methods.into_iter().map(|method| Cell {
                 ratio,
                 seed,
@@ -171,7 +179,8 @@ mod tests {
     fn the_quick_grid_has_every_method_at_every_ratio_once() {
         let config = ReproduceConfig::preset(ReproducePreset::Quick);
         let cells = plan(&config);
-        assert_eq!(cells.len(), 5 * 6);
+        // 2 baselines, 2 floors, DC class and group, DM over the four strata.
+        assert_eq!(cells.len(), 5 * 10);
         let mut ids: Vec<String> = cells.iter().map(Cell::id).collect();
         ids.sort();
         ids.dedup();
@@ -181,7 +190,14 @@ mod tests {
         assert!(ids.contains(&"r0.1-s0-dc-class".to_owned()));
         assert_eq!(cells[0].method, Method::Floor(Stratify::Class));
         let paper = plan(&ReproduceConfig::preset(ReproducePreset::Paper));
-        assert_eq!(paper.len(), 5 * 3 * 7);
+        assert_eq!(paper.len(), 5 * 3 * 12);
+        let demo = plan(&ReproduceConfig::preset(ReproducePreset::Demo));
+        assert_eq!(demo.len(), 6, "floors and four distillations at one ratio");
+        assert!(
+            demo.iter()
+                .all(|c| !matches!(c.method, Method::Baseline(_)))
+        );
+        assert!(ids.contains(&"r0.01-s0-dm-class-vs-group-mean".to_owned()));
         let fairdd = Method::Distill(Distilled {
             method: MethodKind::Dc,
             mode: MatchMode::ClassVsGroups,

@@ -1,5 +1,6 @@
 //! What a reproduction runs: the grid (ratios x methods x seeds) and the settings of every step.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -17,22 +18,38 @@ use crate::error::ReproduceError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReproducePreset {
-    /// The whole grid on a 2-core CPU in under an hour: one seed, class- and group-wise DC at the
-    /// quick distillation preset (20 iterations), sets scored by 2 ConvNets (width 32, 300
-    /// epochs, no augmentation): the protocol's small-scale comparison, at every ratio. Full-data
-    /// baselines of one pass at width 16.
+    /// The whole story in minutes on a 2-core CPU: one ratio (0.01), class- against group-wise
+    /// for DC and DM at their quick presets (DM shortened to [`DEMO_DM_ITERATIONS`]), the
+    /// floors, the pictures; sets scored as in `quick`; no full-data baselines.
+    Demo,
+    /// Every ratio on a 2-core CPU: one seed; DC class- and group-wise at its quick preset (20
+    /// iterations); DM class-wise, group-wise, FairDD's class-vs-groups and COBRA's
+    /// class-vs-group-mean at its quick preset (real init, DSA) shortened to
+    /// [`QUICK_DM_ITERATIONS`]; sets scored by 2 ConvNets (width 32, 300 epochs, no
+    /// augmentation), the protocol's small-scale comparison. Full-data baselines of one pass at
+    /// width 16.
     Quick,
-    /// The protocol (a GPU job): three seeds, all three matching modes at the paper distillation
-    /// preset (width 128, 1000 iterations), sets scored by 5 ConvNets with DC's evaluation
-    /// (width 128, 1000 epochs with augmentation), baselines of 5 passes at width 128.
+    /// The protocol (a GPU job): three seeds, DC and DM over all four strata at their paper
+    /// presets (width 128; DC 1000 iterations, DM 20,000), sets scored by 5 ConvNets with DC's
+    /// evaluation (width 128, 1000 epochs with augmentation), baselines of 5 passes at width 128.
     Paper,
 }
 
+/// DM iterations of the demo grid.
+pub const DEMO_DM_ITERATIONS: usize = 200;
+/// DM iterations of the quick grid.
+pub const QUICK_DM_ITERATIONS: usize = 400;
+
 impl ReproducePreset {
-    pub const ALL: [ReproducePreset; 2] = [ReproducePreset::Quick, ReproducePreset::Paper];
+    pub const ALL: [ReproducePreset; 3] = [
+        ReproducePreset::Demo,
+        ReproducePreset::Quick,
+        ReproducePreset::Paper,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            ReproducePreset::Demo => "demo",
             ReproducePreset::Quick => "quick",
             ReproducePreset::Paper => "paper",
         }
@@ -52,19 +69,22 @@ impl FromStr for ReproducePreset {
         Self::ALL
             .into_iter()
             .find(|p| p.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown preset `{s}`; expected quick or paper"))
+            .ok_or_else(|| format!("unknown preset `{s}`; expected demo, quick or paper"))
     }
 }
 
 /// How each cell's synthetic set is distilled: a distillation preset plus the overrides the grid
-/// applies to it. The matching mode and the seed come from the cell.
+/// applies to it. The method, the matching mode and the seed come from the cell.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillSettings {
     pub preset: Preset,
     pub ipc: usize,
-    /// Iterations [the preset's].
+    /// Iterations of every method [the method's, see `iterations_by_method`].
     pub iterations: Option<usize>,
+    /// Iterations of one method where `iterations` is unset [the method's preset].
+    #[serde(default)]
+    pub iterations_by_method: BTreeMap<MethodKind, usize>,
     /// ConvNet width [the preset's].
     pub width: Option<usize>,
     /// Outer and inner loops [the preset's].
@@ -72,21 +92,26 @@ pub struct DistillSettings {
     pub inner_loop: Option<usize>,
     /// Real images per class or group [the preset's, which differs between modes].
     pub batch_real: Option<usize>,
-    pub init: Init,
+    /// Synthetic initialisation [the method's: DC noise, DM real].
+    pub init: Option<Init>,
+    /// Differentiable Siamese augmentation on (`true`) or off [the method's: DC off, DM on].
+    pub dsa: Option<bool>,
 }
 
 impl DistillSettings {
-    /// `preset` at ipc 10 from noise, with only the iteration count overridden.
-    pub fn of(preset: Preset, iterations: Option<usize>) -> Self {
+    /// `preset` at ipc 10 with the methods' own settings.
+    pub fn of(preset: Preset) -> Self {
         Self {
             preset,
             ipc: 10,
-            iterations,
+            iterations: None,
+            iterations_by_method: BTreeMap::new(),
             width: None,
             outer_loop: None,
             inner_loop: None,
             batch_real: None,
-            init: Init::Noise,
+            init: None,
+            dsa: None,
         }
     }
 }
@@ -105,10 +130,8 @@ pub struct ReproduceConfig {
     pub preset: ReproducePreset,
     /// Bias-conflicting ratios of the Colored MNIST train split.
     pub ratios: Vec<f64>,
-    /// Distillation methods run at every ratio, each over every mode.
-    pub methods: Vec<MethodKind>,
-    /// Matching modes (strata) distilled at every ratio.
-    pub modes: Vec<MatchMode>,
+    /// The distillations (method over strata) run at every ratio, in table order.
+    pub distillations: Vec<Distilled>,
     /// Each seed gives its own dataset, distillation, subsets and evaluation.
     pub seeds: Vec<u64>,
     /// The Colored MNIST generator; ratio and seed are set per cell.
@@ -118,6 +141,8 @@ pub struct ReproduceConfig {
     pub eval: EvalConfig,
     /// How the full-data baselines are trained and scored; sampling and seed are set per cell.
     pub baseline: EvalConfig,
+    /// Whether the grid trains the full-data baselines at all.
+    pub baselines: bool,
     /// Distillation checkpoints every this many iterations (and on Ctrl-C).
     pub checkpoint_every: usize,
 }
@@ -138,37 +163,75 @@ impl ReproduceConfig {
             ..TrainConfig::default()
         };
         let cmnist = ColoredMnistConfig::new(debiasdd_cmnist::Preset::Seed, 0.0, 0);
+        let quick_eval = EvalConfig {
+            model: convnet(32),
+            train: no_augment(300),
+            n_models: 2,
+            seed: 0,
+        };
+        let quick_baseline = EvalConfig {
+            model: convnet(16),
+            train: no_augment(0),
+            n_models: 1,
+            seed: 0,
+        };
+        let over = |method: MethodKind, modes: &[MatchMode]| -> Vec<Distilled> {
+            modes
+                .iter()
+                .map(|&mode| Distilled { method, mode })
+                .collect()
+        };
+        let class_group = [MatchMode::Class, MatchMode::Group];
         match preset {
+            ReproducePreset::Demo => Self {
+                preset,
+                ratios: vec![0.01],
+                distillations: [
+                    over(MethodKind::Dc, &class_group),
+                    over(MethodKind::Dm, &class_group),
+                ]
+                .concat(),
+                seeds: vec![0],
+                cmnist,
+                distill: DistillSettings {
+                    iterations_by_method: [(MethodKind::Dm, DEMO_DM_ITERATIONS)].into(),
+                    ..DistillSettings::of(Preset::Quick)
+                },
+                eval: quick_eval,
+                baseline: quick_baseline,
+                baselines: false,
+                checkpoint_every: 5,
+            },
             ReproducePreset::Quick => Self {
                 preset,
                 ratios: PROTOCOL_RATIOS.to_vec(),
-                methods: vec![MethodKind::Dc],
-                modes: vec![MatchMode::Class, MatchMode::Group],
+                distillations: [
+                    over(MethodKind::Dc, &class_group),
+                    over(MethodKind::Dm, &MatchMode::ALL),
+                ]
+                .concat(),
                 seeds: vec![0],
                 cmnist,
-                distill: DistillSettings::of(Preset::Quick, None),
-                eval: EvalConfig {
-                    model: convnet(32),
-                    train: no_augment(300),
-                    n_models: 2,
-                    seed: 0,
+                distill: DistillSettings {
+                    iterations_by_method: [(MethodKind::Dm, QUICK_DM_ITERATIONS)].into(),
+                    ..DistillSettings::of(Preset::Quick)
                 },
-                baseline: EvalConfig {
-                    model: convnet(16),
-                    train: no_augment(0),
-                    n_models: 1,
-                    seed: 0,
-                },
+                eval: quick_eval,
+                baseline: quick_baseline,
+                baselines: true,
                 checkpoint_every: 5,
             },
             ReproducePreset::Paper => Self {
                 preset,
                 ratios: PROTOCOL_RATIOS.to_vec(),
-                methods: vec![MethodKind::Dc],
-                modes: MatchMode::ALL.to_vec(),
+                distillations: [
+                    over(MethodKind::Dc, &MatchMode::ALL),
+                    over(MethodKind::Dm, &MatchMode::ALL),
+                ]
+                .concat(),
                 seeds: vec![0, 1, 2],
                 cmnist,
-                distill: DistillSettings::of(Preset::Paper, None),
+                distill: DistillSettings::of(Preset::Paper),
                 eval: EvalConfig {
                     model: convnet(128),
                     train: TrainConfig::dc(true),
@@ -181,26 +244,23 @@ impl ReproduceConfig {
                     n_models: 1,
                     seed: 0,
                 },
+                baselines: true,
                 checkpoint_every: 50,
             },
         }
     }
 
-    /// The distillations of the grid: every method over every mode, in table order.
+    /// The distillations of the grid, in table order.
     pub fn distillations(&self) -> Vec<Distilled> {
-        let mut out = Vec::new();
-        for method in MethodKind::ALL
-            .into_iter()
-            .filter(|m| self.methods.contains(m))
-        {
-            for mode in MatchMode::ALL
-                .into_iter()
-                .filter(|m| self.modes.contains(m))
-            {
-                out.push(Distilled { method, mode });
-            }
-        }
-        out
+        self.distillations.clone()
+    }
+
+    /// Keeps the distillations of these methods and modes (`None`: all).
+    pub fn retain(&mut self, methods: Option<&[MethodKind]>, modes: Option<&[MatchMode]>) {
+        self.distillations.retain(|d| {
+            methods.is_none_or(|m| m.contains(&d.method))
+                && modes.is_none_or(|m| m.contains(&d.mode))
+        });
     }
 
     /// The distillation config of one cell: the method's preset for the cell's strata, with the
@@ -209,7 +269,11 @@ impl ReproduceConfig {
         let s = &self.distill;
         let mut config = DistillConfig::preset(distilled.method, s.preset, distilled.mode, s.ipc);
         let shared = &mut config.settings;
-        if let Some(iterations) = s.iterations {
+        if let Some(&iterations) = s
+            .iterations
+            .as_ref()
+            .or(s.iterations_by_method.get(&distilled.method))
+        {
             shared.iterations = iterations;
         }
         if let Some(width) = s.width {
@@ -218,7 +282,12 @@ impl ReproduceConfig {
         if let Some(batch_real) = s.batch_real {
             shared.batch_real = batch_real;
         }
-        shared.init = s.init;
+        if let Some(init) = s.init {
+            shared.init = init;
+        }
+        if let Some(dsa) = s.dsa {
+            shared.set_dsa(dsa);
+        }
         shared.seed = seed;
         if let Some(dc) = config.method.dc_mut() {
             for (value, field) in [
@@ -245,26 +314,20 @@ impl ReproduceConfig {
     /// Checks the grid and every step's settings; the error names the setting and the fix.
     pub fn validate(&self) -> Result<(), ReproduceError> {
         let invalid = |problem: String| Err(ReproduceError::InvalidConfig(problem));
-        if self.ratios.is_empty()
-            || self.methods.is_empty()
-            || self.modes.is_empty()
-            || self.seeds.is_empty()
-        {
+        if self.ratios.is_empty() || self.distillations.is_empty() || self.seeds.is_empty() {
             return invalid(
-                "the grid needs at least one ratio, one method, one mode and one seed".into(),
+                "the grid needs at least one ratio, one distillation (method over strata) and one seed; check --methods and --modes against the preset's distillations".into(),
             );
         }
         if let Some(r) = self.ratios.iter().find(|r| !(0.0..=1.0).contains(*r)) {
             return invalid(format!("ratio {r} is outside [0, 1]"));
         }
-        for (i, m) in self.modes.iter().enumerate() {
-            if self.modes[..i].contains(m) {
-                return invalid(format!("mode {m} is listed twice"));
-            }
-        }
-        for (i, m) in self.methods.iter().enumerate() {
-            if self.methods[..i].contains(m) {
-                return invalid(format!("method {m} is listed twice"));
+        for (i, d) in self.distillations.iter().enumerate() {
+            if self.distillations[..i].contains(d) {
+                return invalid(format!(
+                    "distillation {} over {} is listed twice",
+                    d.method, d.mode
+                ));
             }
         }
         for (i, r) in self.ratios.iter().enumerate() {
@@ -304,9 +367,23 @@ mod tests {
         for preset in ReproducePreset::ALL {
             let config = ReproduceConfig::preset(preset);
             config.validate().unwrap();
-            assert_eq!(config.ratios, PROTOCOL_RATIOS);
+            if preset != ReproducePreset::Demo {
+                assert_eq!(config.ratios, PROTOCOL_RATIOS);
+            }
             assert_eq!(preset.name().parse::<ReproducePreset>(), Ok(preset));
         }
+        // DM keeps its own init and augmentation, and the grid's iteration count.
+        let quick = ReproduceConfig::preset(ReproducePreset::Quick);
+        let dm = quick.distill_config(
+            Distilled {
+                method: MethodKind::Dm,
+                mode: MatchMode::ClassVsGroupMean,
+            },
+            0,
+        );
+        assert_eq!(dm.settings.iterations, QUICK_DM_ITERATIONS);
+        assert_eq!(dm.settings.init, Init::Real);
+        assert!(dm.settings.dsa.is_some());
         let paper = ReproduceConfig::preset(ReproducePreset::Paper);
         assert_eq!(paper.seeds.len(), 3);
         let dc = |mode| Distilled {
@@ -356,8 +433,12 @@ mod tests {
         c.seeds.clear();
         assert!(err(c).contains("at least one"));
         let mut c = base.clone();
-        c.modes = vec![MatchMode::Group, MatchMode::Group];
+        c.distillations.push(c.distillations[0]);
         assert!(err(c).contains("twice"));
+        let mut c = base.clone();
+        c.retain(None, Some(&[MatchMode::ClassVsGroups]));
+        c.retain(Some(&[MethodKind::Dc]), None);
+        assert!(err(c).contains("--methods"));
         let mut c = base.clone();
         c.ratios = vec![0.01, 0.01];
         assert!(err(c).contains("ratio 0.01 is listed twice"));

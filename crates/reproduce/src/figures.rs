@@ -1,5 +1,5 @@
-//! The pictures of a grid: the source paper's Figure 2 per ratio (the distilled sets of every
-//! matching mode side by side), accuracy against ratio with one line per method (SVG, plotters),
+//! The pictures of a grid: the source paper's Figure 2 per ratio and method (the method's
+//! distilled sets over every matching mode side by side), accuracy against ratio with one line per method (SVG, plotters),
 //! and per-group accuracy heat maps at the most biased ratio.
 
 use std::path::Path;
@@ -13,6 +13,7 @@ use crate::config::ReproduceConfig;
 use crate::error::ReproduceError;
 use crate::store::{CellResult, Paths};
 use crate::summary::MethodSummary;
+use debiasdd_distill::MethodKind;
 
 /// White gap between the panels of a Figure 2, in pixels.
 const PANEL_GAP: u32 = 16;
@@ -20,10 +21,8 @@ const PANEL_GAP: u32 = 16;
 /// What [`write_all`] wrote, as paths relative to the results folder.
 #[derive(Debug, Default)]
 pub struct Written {
-    /// (ratio, file) of each Figure 2.
-    pub synthetic: Vec<(f64, String)>,
-    /// The panels of each Figure 2, left to right.
-    pub synthetic_columns: Vec<String>,
+    /// (ratio, method label, panel labels left to right, file) of each Figure 2.
+    pub synthetic: Vec<(f64, String, Vec<String>, String)>,
     /// (title, file) of each plot.
     pub plots: Vec<(String, String)>,
     pub heatmap_ratio: f64,
@@ -40,36 +39,41 @@ pub fn write_all(
 ) -> Result<Written, ReproduceError> {
     let dir = paths.out.join("figures");
     std::fs::create_dir_all(&dir).map_err(|e| ReproduceError::write(&dir, e))?;
-    let mut written = Written {
-        synthetic_columns: config
-            .distillations()
-            .into_iter()
-            .map(|d| Method::Distill(d).label())
-            .collect(),
-        ..Written::default()
-    };
+    let mut written = Written::default();
     let seed = config.seeds[0];
+    let distillations = config.distillations();
+    let mut methods: Vec<MethodKind> = distillations.iter().map(|d| d.method).collect();
+    methods.dedup();
     for &ratio in &config.ratios {
-        let distillations = config.distillations();
-        let sets: Vec<SyntheticSet> = distillations
-            .iter()
-            .filter_map(|&distilled| {
-                let cell = Cell {
-                    ratio,
-                    seed,
-                    method: Method::Distill(distilled),
-                };
-                let done = cells.iter().any(|c| c.cell == cell);
-                let path = paths.cell_dir(&cell).join("synthetic.safetensors");
-                done.then(|| SyntheticSet::load(&path).ok()).flatten()
-            })
-            .collect();
-        if sets.len() == distillations.len() {
-            let name = format!("figures/synthetic-r{ratio}.png");
-            side_by_side(&sets)
-                .save(paths.out.join(&name))
-                .map_err(|e| ReproduceError::write(&paths.out.join(&name), e))?;
-            written.synthetic.push((ratio, name));
+        for &method in &methods {
+            let panels: Vec<_> = distillations
+                .iter()
+                .copied()
+                .filter(|d| d.method == method)
+                .collect();
+            let sets: Vec<SyntheticSet> = panels
+                .iter()
+                .filter_map(|&distilled| {
+                    let cell = Cell {
+                        ratio,
+                        seed,
+                        method: Method::Distill(distilled),
+                    };
+                    let done = cells.iter().any(|c| c.cell == cell);
+                    let path = paths.cell_dir(&cell).join("synthetic.safetensors");
+                    done.then(|| SyntheticSet::load(&path).ok()).flatten()
+                })
+                .collect();
+            if sets.len() == panels.len() {
+                let name = format!("figures/synthetic-r{ratio}-{}.png", method.name());
+                side_by_side(&sets)
+                    .save(paths.out.join(&name))
+                    .map_err(|e| ReproduceError::write(&paths.out.join(&name), e))?;
+                let labels = panels.iter().map(|d| d.mode.label().to_owned()).collect();
+                written
+                    .synthetic
+                    .push((ratio, method.label().to_owned(), labels, name));
+            }
         }
     }
     type Pick = fn(&MethodSummary) -> f64;

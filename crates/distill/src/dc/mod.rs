@@ -13,8 +13,8 @@ pub mod distance;
 mod native_loss;
 
 use candle_core::{DType, Tensor};
+use debiasdd_model::ConvNetConfig;
 use debiasdd_model::backend::{Route, Segments, candle_ops};
-use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{DistillConfig, Init, Preset, Settings, invalid};
 use crate::engine::{Distiller, rng_for};
 use crate::error::DistillError;
-use crate::matcher::{Matcher, NonFiniteHints, Problem, Target};
+use crate::matcher::{Matcher, NonFiniteHints, Problem, Target, fresh_network};
 use crate::method::MethodConfig;
 use crate::strata::{MatchMode, RealBatch, label_tensor, select_rows};
 pub use distance::Distance;
@@ -107,7 +107,7 @@ pub fn preset(preset: Preset, mode: MatchMode, ipc: usize) -> DistillConfig {
     };
     let (width, batch_real, iterations) = match (preset, mode) {
         (Preset::Quick, MatchMode::Class) => (32, 64, 20),
-        (Preset::Quick, MatchMode::Group | MatchMode::ClassVsGroups) => (32, 16, 20),
+        (Preset::Quick, _) => (32, 16, 20),
         (Preset::Paper, _) => (128, 256, 1000),
     };
     DistillConfig {
@@ -124,6 +124,7 @@ pub fn preset(preset: Preset, mode: MatchMode, ipc: usize) -> DistillConfig {
                 ..ConvNetConfig::default()
             },
             seed: 0,
+            dsa: None,
         },
         method: MethodConfig::Dc(DcConfig {
             outer_loop,
@@ -223,21 +224,21 @@ impl Dc {
                 .map(|k| Tensor::cat(&parts.iter().map(|p| &p[k]).collect::<Vec<_>>(), 0))
                 .collect::<candle_core::Result<Vec<_>>>()?
         };
-        let (syn_index, real_index) = problem.plan.term_indices();
         Ok(MatchingTarget {
             model: model.clone(),
             route: problem.route,
             distance: self.config.distance,
             params: params.to_vec(),
-            g_real: select_rows(g_real, real_index)?,
+            g_real: problem.plan.real_terms(g_real)?,
             syn_labels: problem.plan.syn_label_tensor().clone(),
             syn_segments: problem.plan.syn_segments().clone(),
-            syn_index: syn_index.cloned(),
+            syn_index: problem.plan.syn_index().cloned(),
             real_images: real.segments.total(),
         })
     }
 
-    /// `inner_loop` epochs of plain SGD on the detached synthetic set, in shuffled batches.
+    /// `inner_loop` epochs of plain SGD on the detached synthetic set, in shuffled batches
+    /// (augmented per image with DSA on).
     fn train_network(
         &mut self,
         problem: &Problem<'_>,
@@ -253,7 +254,12 @@ impl Dc {
             order.shuffle(rng);
             for batch in order.chunks(c.batch_train) {
                 let idx = Tensor::new(batch, problem.device)?;
-                let x = images.index_select(&idx, 0)?;
+                let mut x = images.index_select(&idx, 0)?;
+                if let Some(dsa) = &problem.settings.dsa {
+                    // As the official DSA code: the inner loop trains on augmented batches,
+                    // every image with its own parameters.
+                    x = debiasdd_augment::augment(&x, &dsa.draw_batch(batch.len(), rng))?;
+                }
                 let labels: Vec<u8> = batch.iter().map(|&i| syn_labels[i as usize]).collect();
                 let y = label_tensor(&labels, problem.device)?;
                 let (g, _) = problem.route.batch_gradients(model, &self.params, &x, &y)?;
@@ -264,21 +270,6 @@ impl Dc {
         }
         Ok(())
     }
-}
-
-/// A fresh ConvNet's parameters, drawn from `rng`.
-fn fresh_network(problem: &Problem<'_>, rng: &mut ChaCha8Rng) -> Result<Vec<Tensor>, DistillError> {
-    let network = Network::new(
-        &ModelConfig::ConvNet(problem.settings.model.clone()),
-        rng,
-        problem.device,
-        problem.dtype,
-    )?;
-    Ok(network
-        .vars()
-        .iter()
-        .map(|v| v.as_detached_tensor())
-        .collect())
 }
 
 impl Matcher for Dc {

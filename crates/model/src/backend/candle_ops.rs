@@ -305,6 +305,25 @@ impl Backend for CandleOps {
         Ok(forward(config, params, xs, self.path)?.features)
     }
 
+    /// By candle's autograd: a tracked forward pass on a variable holding `xs`, the sum of the
+    /// features' products with the directions, one `backward()`.
+    fn embedding_input_gradient(
+        &self,
+        config: &ConvNetConfig,
+        params: &[Tensor],
+        xs: &Tensor,
+        directions: &Tensor,
+    ) -> Result<Tensor> {
+        let x = Var::from_tensor(&xs.detach())?;
+        let fwd = forward(config, params, x.as_tensor(), self.path)?;
+        let total = (&fwd.features * directions.detach())?.sum_all()?;
+        let grads = total.backward()?;
+        match grads.get(x.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => x.as_tensor().zeros_like(),
+        }
+    }
+
     /// By candle's autograd: a tracked forward pass and [`segment_gradients`] on a variable
     /// holding `xs`, the sum of their products with the directions, one `backward()`.
     fn gradient_of_gradients(

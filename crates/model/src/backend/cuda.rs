@@ -367,6 +367,20 @@ impl Backend for Fused {
         Ok(fused_forward(config, &params, &xs.detach())?.features)
     }
 
+    /// Through the candle-op passes with the im2col path (its CUDA kernels), by autograd: no
+    /// fused backward to the input yet.
+    fn embedding_input_gradient(
+        &self,
+        config: &ConvNetConfig,
+        params: &[Tensor],
+        xs: &Tensor,
+        directions: &Tensor,
+    ) -> Result<Tensor> {
+        Route::candle_ops(ConvPath::Im2col)
+            .backend()
+            .embedding_input_gradient(config, params, xs, directions)
+    }
+
     fn gradient_of_gradients(
         &self,
         config: &ConvNetConfig,

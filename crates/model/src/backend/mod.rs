@@ -222,6 +222,18 @@ pub trait Backend {
     /// The features entering the classifier, (N, feature_dim), in PyTorch's NCHW-flatten order.
     fn embeddings(&self, config: &ConvNetConfig, params: &[Tensor], xs: &Tensor) -> Result<Tensor>;
 
+    /// `d/dx sum_i <V_i, phi(x_i)>`: the input gradient of the embeddings `phi` of
+    /// [`Backend::embeddings`] contracted with `directions` `V` (N, feature_dim), as
+    /// (N, C, H, W). With `V = dD / dphi` it is `dD / dx`: what distribution matching needs of
+    /// the synthetic images.
+    fn embedding_input_gradient(
+        &self,
+        config: &ConvNetConfig,
+        params: &[Tensor],
+        xs: &Tensor,
+        directions: &Tensor,
+    ) -> Result<Tensor>;
+
     /// `d/dx sum_s <V_s, g_s(x)>`: the input gradient of the per-segment parameter gradients
     /// `g_s` of [`Backend::segment_gradients`] contracted with `directions` `V` (one tensor per
     /// parameter, (S, *shape)), as (N, C, H, W). With `V = dD / dg_syn` it is `dD / dx_syn`, the
@@ -423,6 +435,19 @@ impl Route {
     ) -> Result<Tensor> {
         let (xs, params) = detached(xs, params);
         self.backend().embeddings(config, &params, &xs)
+    }
+
+    /// [`Backend::embedding_input_gradient`] on detached inputs.
+    pub fn embedding_input_gradient(
+        &self,
+        config: &ConvNetConfig,
+        params: &[Tensor],
+        xs: &Tensor,
+        directions: &Tensor,
+    ) -> Result<Tensor> {
+        let (xs, params) = detached(xs, params);
+        self.backend()
+            .embedding_input_gradient(config, &params, &xs, &directions.detach())
     }
 
     /// [`Backend::gradient_of_gradients`] on detached inputs.

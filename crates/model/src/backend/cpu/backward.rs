@@ -5,14 +5,14 @@
 use candle_core::{Result, Tensor};
 use num_traits::Float;
 
-use super::forward::{ForwardPass, forward_pass};
+use super::forward::{BlockCache, ForwardPass, forward_pass};
 use super::gemm::{MatRef, matmul};
-use super::im2col::{col2im, cols_to_weight, swap_last_two};
+use super::im2col::{col2im, cols_to_weight, permute_channels, swap_last_two};
 use super::norm::{bias_act_backward, instance_norm_act_backward, negative_slope, pool_backward};
 use super::{Real, tensor_vec};
 use crate::ConvNetConfig;
 use crate::backend::{SegmentGradients, Segments};
-use crate::convnet::{ConvNetLayout, ConvNetParams};
+use crate::convnet::{BlockParams, ConvNetLayout, ConvNetParams};
 
 /// The forward and backward passes of a batch `xs` with `labels`: every segment's parameter
 /// gradients, the logits and the losses.
@@ -95,41 +95,17 @@ pub(super) fn segment_gradients<T: Real>(
     );
 
     for (b, p) in layout.blocks.iter().zip(&net.blocks).rev() {
-        let block = blocks.pop().expect("one cache per block");
+        let mut block = blocks.pop().expect("one cache per block");
         let at = b.params;
         let s = block.shape;
-        let (o, hw, k, ho, wo) = (s.o, s.hw(), s.k(), s.ho(), s.wo());
-        // Gradient at the activation output, (N*hw, O).
-        let mut dz = if b.has_pool {
-            pool_backward(&da, n, ho, wo, o)
-        } else {
-            da
-        };
-        // Through the activation and the norm: dz becomes the gradient at the conv output.
-        let mut per_image_bias = vec![T::zero(); n * o];
-        if let (Some((scale, shift)), Some((scale_at, shift_at))) = (p.norm, at.norm) {
-            let gamma: Vec<T> = tensor_vec(scale)?;
-            let beta: Vec<T> = tensor_vec(shift)?;
-            let mut per_image_gamma = vec![T::zero(); n * o];
-            let mut per_image_beta = vec![T::zero(); n * o];
-            instance_norm_act_backward(
-                &mut dz,
-                (&block.pre, &block.inv_std),
-                (&gamma, &beta),
-                (
-                    &mut per_image_gamma,
-                    &mut per_image_beta,
-                    &mut per_image_bias,
-                ),
-                (hw, o),
-                negative,
-            );
-            grads[scale_at] = segment_sums(&per_image_gamma, &ranges, o);
-            grads[shift_at] = segment_sums(&per_image_beta, &ranges, o);
-        } else {
-            bias_act_backward(&mut dz, &block.pre, &mut per_image_bias, (hw, o), negative);
+        let (o, k, hw) = (s.o, s.k(), s.hw());
+        let (dz, per_image) = conv_output_gradient(da, b.has_pool, &block, p, n, negative)?;
+        block.pre = Vec::new();
+        if let (Some((gamma, beta)), Some((scale_at, shift_at))) = (per_image.norm, at.norm) {
+            grads[scale_at] = segment_sums(&gamma, &ranges, o);
+            grads[shift_at] = segment_sums(&beta, &ranges, o);
         }
-        drop(block.pre);
+        let per_image_bias = per_image.bias;
         grads[at.conv_bias] = segment_sums(&per_image_bias, &ranges, o);
 
         // Weight gradient of every segment: dz_s^T cols_s.
@@ -146,17 +122,11 @@ pub(super) fn segment_gradients<T: Real>(
         }
         grads[at.conv_weight] = g_w;
 
-        if b.index > 0 {
-            let mut dcols = block.cols;
-            matmul(
-                &mut dcols,
-                MatRef::rows(&dz, n * hw, o),
-                MatRef::rows(&block.weight, o, k),
-            );
-            da = col2im(&dcols, s);
+        da = if b.index > 0 {
+            input_gradient(&dz, block)
         } else {
-            da = Vec::new();
-        }
+            Vec::new()
+        };
     }
     drop(da);
 
@@ -191,4 +161,101 @@ pub(super) fn segment_sums<T: Real>(
         }
     }
     out
+}
+
+/// The gradients of one block's per-image norm and bias parameters (for segment sums).
+struct PerImage<T> {
+    /// d gamma and d beta per (image, channel), with instance norm.
+    norm: Option<(Vec<T>, Vec<T>)>,
+    /// d conv bias per (image, channel).
+    bias: Vec<T>,
+}
+
+/// The gradient at a block's conv output (N*hw, O) from the gradient `da` at its output (after
+/// pooling, if any), through the pooling, the activation and the norm; with the per-image
+/// parameter gradients on the way.
+fn conv_output_gradient<T: Real>(
+    da: Vec<T>,
+    has_pool: bool,
+    block: &BlockCache<T>,
+    p: &BlockParams<'_, Tensor>,
+    n: usize,
+    negative: T,
+) -> Result<(Vec<T>, PerImage<T>)> {
+    let s = block.shape;
+    let (o, hw) = (s.o, s.hw());
+    let mut dz = if has_pool {
+        pool_backward(&da, n, s.ho(), s.wo(), o)
+    } else {
+        da
+    };
+    let mut bias = vec![T::zero(); n * o];
+    let norm = if let Some((scale, shift)) = p.norm {
+        let gamma: Vec<T> = tensor_vec(scale)?;
+        let beta: Vec<T> = tensor_vec(shift)?;
+        let mut d_gamma = vec![T::zero(); n * o];
+        let mut d_beta = vec![T::zero(); n * o];
+        instance_norm_act_backward(
+            &mut dz,
+            (&block.pre, &block.inv_std),
+            (&gamma, &beta),
+            (&mut d_gamma, &mut d_beta, &mut bias),
+            (hw, o),
+            negative,
+        );
+        Some((d_gamma, d_beta))
+    } else {
+        bias_act_backward(&mut dz, &block.pre, &mut bias, (hw, o), negative);
+        None
+    };
+    Ok((dz, PerImage { norm, bias }))
+}
+
+/// The gradient at a block's input (channels-last) from the gradient `dz` at its conv output;
+/// the block's column buffer is reused.
+fn input_gradient<T: Real>(dz: &[T], block: BlockCache<T>) -> Vec<T> {
+    let s = block.shape;
+    let mut dcols = block.cols;
+    let rows = dz.len() / s.o;
+    matmul(
+        &mut dcols,
+        MatRef::rows(dz, rows, s.o),
+        MatRef::rows(&block.weight, s.o, s.k()),
+    );
+    col2im(&dcols, s)
+}
+
+/// `d/dx sum_i <V_i, phi(x_i)>` for the embeddings `phi` (the features entering the
+/// classifier) of the batch `xs`, with `directions` `V` (N, feature_dim) in NCHW-flatten order:
+/// the forward pass with its caches, then the backward pass from the features to the input,
+/// without any parameter gradient. Returns (N, C, H, W) values, NCHW.
+pub(super) fn embedding_input_gradient<T: Real>(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    directions: &Tensor,
+) -> Result<Vec<T>> {
+    let (n, c0, h0, w0) = xs.dims4()?;
+    let layout = ConvNetLayout::new(config);
+    let net = ConvNetParams::new(&layout, params)?;
+    let negative = negative_slope::<T>(config.activation);
+    let ForwardPass {
+        mut blocks,
+        feature_shape: (h, w, c),
+        ..
+    } = forward_pass::<T>(config, params, xs, true)?;
+    if directions.dims() != [n, h * w * c] {
+        candle_core::bail!(
+            "embedding directions: expected ({n}, {}), got {:?}",
+            h * w * c,
+            directions.dims()
+        )
+    }
+    let mut da = permute_channels(&tensor_vec::<T>(directions)?, c, h * w, true);
+    for (b, p) in layout.blocks.iter().zip(&net.blocks).rev() {
+        let block = blocks.pop().expect("one cache per block");
+        let (dz, _) = conv_output_gradient(da, b.has_pool, &block, p, n, negative)?;
+        da = input_gradient(&dz, block);
+    }
+    Ok(permute_channels(&da, c0, h0 * w0, false))
 }

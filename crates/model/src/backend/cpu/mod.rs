@@ -82,6 +82,17 @@ impl Backend for Native {
         embeddings(config, &params, &xs.detach())
     }
 
+    fn embedding_input_gradient(
+        &self,
+        config: &ConvNetConfig,
+        params: &[Tensor],
+        xs: &Tensor,
+        directions: &Tensor,
+    ) -> Result<Tensor> {
+        let params: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
+        embedding_input_gradient(config, &params, &xs.detach(), &directions.detach())
+    }
+
     fn gradient_of_gradients(
         &self,
         config: &ConvNetConfig,
@@ -160,6 +171,39 @@ pub fn embeddings(config: &ConvNetConfig, params: &[Tensor], xs: &Tensor) -> Res
     match xs.dtype() {
         DType::F32 => go::<f32>(config, params, xs),
         DType::F64 => go::<f64>(config, params, xs),
+        dtype => candle_core::bail!("native kernels: unsupported dtype {dtype:?}"),
+    }
+}
+
+/// `d/dx sum_i <V_i, phi(x_i)>` for the embeddings `phi` of [`embeddings`] and `directions` `V`
+/// (N, feature_dim, NCHW-flatten order) of the same dtype: one forward pass keeping its caches
+/// and one backward pass to the input, no parameter gradient. Same preconditions as
+/// [`segment_gradients`].
+pub fn embedding_input_gradient(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    directions: &Tensor,
+) -> Result<Tensor> {
+    check_network(config, params, xs)?;
+    if directions.dtype() != xs.dtype() {
+        candle_core::bail!(
+            "embedding directions are {:?}, the images {:?}",
+            directions.dtype(),
+            xs.dtype()
+        )
+    }
+    match xs.dtype() {
+        DType::F32 => Tensor::from_vec(
+            backward::embedding_input_gradient::<f32>(config, params, xs, directions)?,
+            xs.dims(),
+            xs.device(),
+        ),
+        DType::F64 => Tensor::from_vec(
+            backward::embedding_input_gradient::<f64>(config, params, xs, directions)?,
+            xs.dims(),
+            xs.device(),
+        ),
         dtype => candle_core::bail!("native kernels: unsupported dtype {dtype:?}"),
     }
 }
