@@ -124,7 +124,11 @@ fn miniature_grid_writes_every_output_resumes_and_refuses_changed_settings() -> 
     // Figures: Figure 2 per method (two 10-row grids side by side), plots, one heat map per
     // method.
     for method in ["dc", "dm"] {
-        let fig = image::open(paths.out.join(format!("figures/synthetic-r0.2-{method}.png")))?;
+        let fig = image::open(
+            paths
+                .out
+                .join(format!("figures/synthetic-r0.2-{method}.png")),
+        )?;
         assert!(
             fig.width() > 2 * fig.height() / 2,
             "{method}: two panels side by side"

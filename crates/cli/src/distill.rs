@@ -91,6 +91,13 @@ pub struct DistillArgs {
     /// DC: gradient distance: ours (DC's layer-wise cosine), mse or cos.
     #[arg(long)]
     distance: Option<Distance>,
+    /// Differentiable Siamese augmentation of every matching term (the official parameters,
+    /// no flip) [DC off, DM on]; with DC it also augments the inner-loop training.
+    #[arg(long, conflicts_with = "no_dsa")]
+    dsa: bool,
+    /// No differentiable Siamese augmentation.
+    #[arg(long)]
+    no_dsa: bool,
     /// Write one JSON line per iteration (iteration, loss, seconds) to this file; on --resume
     /// it keeps the lines up to the checkpoint's iteration.
     #[arg(long)]
@@ -118,6 +125,9 @@ impl DistillArgs {
             s.model.depth = d;
         }
         s.seed = self.seed;
+        if self.dsa || self.no_dsa {
+            s.set_dsa(self.dsa);
+        }
         match c.method.dc_mut() {
             Some(dc) => set!(dc, outer_loop, inner_loop, lr_net, distance),
             None => {
@@ -182,7 +192,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
 
     let s = &config.settings;
     println!(
-        "distill: method {}, mode {}, preset {}, ipc {} ({} images), {} matching terms per step, width {}, real batch {}, {}, {} iterations, init {}",
+        "distill: method {}, mode {}, preset {}, ipc {} ({} images), {} matching terms per step, width {}, real batch {}, {}, {} iterations, init {}, {}",
         config.method.kind(),
         s.mode,
         args.preset,
@@ -194,6 +204,10 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
         config.method.describe(),
         s.iterations,
         s.init,
+        match &s.dsa {
+            Some(dsa) => format!("DSA {}", dsa.describe()),
+            None => "no DSA".to_owned(),
+        },
     );
     if s.mode != MatchMode::Class && !distiller.empty_groups().is_empty() {
         println!(

@@ -274,3 +274,111 @@ fn outputs_get_the_usual_file_mode() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn dm_distils_with_dsa_over_every_strata_and_refuses_dc_options() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = tiny_dataset(dir.path());
+    let net = [
+        "--width",
+        "2",
+        "--depth",
+        "1",
+        "--batch-real",
+        "4",
+        "--iterations",
+        "2",
+    ];
+    for mode in ["class", "group", "class-vs-groups", "class-vs-group-mean"] {
+        let out = dir.path().join(format!("dm-{mode}.safetensors"));
+        let history = dir.path().join(format!("dm-{mode}.jsonl"));
+        let mut args = vec![
+            "distill",
+            "--method",
+            "dm",
+            "--mode",
+            mode,
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--history",
+            s(&history),
+        ];
+        args.extend(net);
+        let run = debiasdd(&args);
+        assert!(run.status.success(), "{mode}: {}", text(&run.stderr));
+        let stdout = text(&run.stdout);
+        assert!(
+            stdout.contains("method dm") && stdout.contains("init real") && stdout.contains("DSA"),
+            "{stdout}"
+        );
+        let config = SyntheticSet::load(&out)?.config.unwrap();
+        assert!(
+            config.contains("\"name\":\"dm\"") && config.contains("\"dsa\""),
+            "{config}"
+        );
+        assert_eq!(std::fs::read_to_string(&history)?.lines().count(), 2);
+    }
+    // Real init asking more of a group than it has: drawn with replacement, and said so.
+    let out = dir.path().join("ipc20.safetensors");
+    let mut args = vec!["distill", "--method", "dm", "--ipc", "20", "--data", s(&data)];
+    args.extend(["--out", s(&out)]);
+    args.extend(net);
+    let run = debiasdd(&args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains("drawing with replacement"),
+        "{}",
+        text(&run.stderr)
+    );
+    // --no-dsa is recorded as no augmentation.
+    let out = dir.path().join("plain.safetensors");
+    let mut args = vec!["distill", "--method", "dm", "--no-dsa", "--data", s(&data)];
+    args.extend(["--out", s(&out)]);
+    args.extend(net);
+    let run = debiasdd(&args);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(
+        !SyntheticSet::load(&out)?
+            .config
+            .unwrap()
+            .contains("\"dsa\"")
+    );
+    // DC's options are refused by name.
+    for (extra, needle) in [
+        (vec!["--outer-loop", "3"], "--outer-loop is a DC option"),
+        (vec!["--distance", "mse"], "--distance is a DC option"),
+    ] {
+        let mut args = vec![
+            "distill",
+            "--method",
+            "dm",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+        ];
+        args.extend(extra);
+        assert_clean_failure(&debiasdd(&args), needle);
+    }
+    // --dsa and --no-dsa together: clap's usage error, naming both.
+    let mut args = vec![
+        "distill",
+        "--method",
+        "dm",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+    ];
+    args.extend(["--dsa", "--no-dsa"]);
+    let run = debiasdd(&args);
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--dsa") && stderr.contains("--no-dsa"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -9,6 +9,12 @@
 //! - `dc_iteration_quick_w32/{class,group}`: one whole DC iteration of the quick preset (fresh
 //!   network, 5 outer steps of matching + image update, 10 inner epochs between them; real batch
 //!   64 per class or 16 per group), also timed by the PyTorch reference.
+//! - `dc_iteration_quick_w32/{class,group}_dsa`: the same with DSA on (Siamese augmentation of
+//!   every term, per-image augmentation of the inner loop), for DSA's overhead.
+//! - `dm_iteration_quick_w32/{class,group}`: one whole DM iteration of the quick preset without
+//!   DSA (fresh network, real embeddings of 256 per class or 64 per group, synthetic embedding
+//!   backward, image update), timed by the PyTorch reference as `main_DM.py` writes it;
+//!   `{class,group}_dsa` with DSA on (DM's default), for DSA's overhead.
 //! - `dc_matching_step_quick_w32_cpu/<mode>`: one matching step (real gradients of every term,
 //!   synthetic gradients, distance, backward, update) per matching mode; a group-wise step
 //!   should cost at most 1.5x a class-wise one. `DEBIASDD_BENCH_PAPER=1` adds width 128.
@@ -140,14 +146,36 @@ fn quick_iteration(c: &mut Criterion) {
     let mut group = c.benchmark_group("dc_iteration_quick_w32");
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(1));
-    for mode in [MatchMode::Class, MatchMode::Group] {
-        let mut config = DistillConfig::preset(MethodKind::Dc, Preset::Quick, mode, 10);
-        config.settings.iterations = usize::MAX;
-        let mut distiller =
-            Distiller::new(config, &split, &Device::Cpu, DType::F32).expect("distiller");
-        group.bench_function(mode.name(), |b| b.iter(|| distiller.step().expect("step")));
-    }
+    iterations(&mut group, &split, MethodKind::Dc);
     group.finish();
+    let mut group = c.benchmark_group("dm_iteration_quick_w32");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    iterations(&mut group, &split, MethodKind::Dm);
+    group.finish();
+}
+
+/// One `method` iteration of the quick preset, class- and group-wise, without and with DSA.
+fn iterations(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    split: &Split,
+    method: MethodKind,
+) {
+    for dsa in [false, true] {
+        for mode in [MatchMode::Class, MatchMode::Group] {
+            let mut config = DistillConfig::preset(method, Preset::Quick, mode, 10);
+            config.settings.iterations = usize::MAX;
+            config.settings.set_dsa(dsa);
+            let mut distiller =
+                Distiller::new(config, split, &Device::Cpu, DType::F32).expect("distiller");
+            let id = if dsa {
+                format!("{}_dsa", mode.name())
+            } else {
+                mode.name().to_owned()
+            };
+            group.bench_function(id, |b| b.iter(|| distiller.step().expect("step")));
+        }
+    }
 }
 
 criterion_group!(benches, one_class_matching, quick_iteration, matching_step);

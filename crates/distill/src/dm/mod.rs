@@ -245,6 +245,7 @@ impl EmbeddingTarget {
                 real_means: self.real_means.clone(),
                 syn_segments: self.syn_segments.clone(),
                 syn_index: self.syn_index.clone(),
+                embeddings: Default::default(),
             };
             return Ok(syn.contiguous()?.apply_op1(op)?);
         }

@@ -7,13 +7,17 @@
 //! small embedding matrix alone, then `dD / dx = cpu::embedding_input_gradient(V)`: one forward
 //! pass keeping its caches and one backward pass to the images. Tests compare both in f64.
 
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
 use debiasdd_model::ConvNetConfig;
 use debiasdd_model::backend::{Segments, cpu};
 
 use super::embedding_distance;
 
-/// Everything the loss depends on besides the synthetic images.
+/// Everything the loss depends on besides the synthetic images. One op serves one application
+/// (the target builds a fresh one per loss), so the embeddings its forward pass keeps belong to
+/// the images its backward pass receives.
 #[derive(Debug)]
 pub(crate) struct NativeEmbeddingLoss {
     pub model: ConvNetConfig,
@@ -21,9 +25,18 @@ pub(crate) struct NativeEmbeddingLoss {
     pub real_means: Tensor,
     pub syn_segments: Segments,
     pub syn_index: Option<Tensor>,
+    /// The synthetic embeddings of the forward pass, for the backward pass.
+    pub embeddings: Mutex<Option<Tensor>>,
 }
 
 impl NativeEmbeddingLoss {
+    /// The kept embeddings; a poisoned lock (a panic elsewhere) still holds valid ones.
+    fn kept(&self) -> std::sync::MutexGuard<'_, Option<Tensor>> {
+        self.embeddings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn distance(&self, embeddings: &Tensor) -> Result<Tensor> {
         embedding_distance(
             embeddings,
@@ -53,6 +66,7 @@ impl CustomOp1 for NativeEmbeddingLoss {
             .distance(&embeddings)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
+        *self.kept() = Some(embeddings);
         let out = match storage {
             CpuStorage::F32(_) => CpuStorage::F32(vec![loss as f32]),
             _ => CpuStorage::F64(vec![loss]),
@@ -62,7 +76,13 @@ impl CustomOp1 for NativeEmbeddingLoss {
 
     fn bwd(&self, syn: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let syn = syn.detach();
-        let embeddings = Var::from_tensor(&cpu::embeddings(&self.model, &self.params, &syn)?)?;
+        // Taken, not copied: the op's one backward pass is their last use.
+        let kept = self.kept().take();
+        let embeddings = match kept {
+            Some(e) => e,
+            None => cpu::embeddings(&self.model, &self.params, &syn)?,
+        };
+        let embeddings = Var::from_tensor(&embeddings)?;
         let backward = self.distance(embeddings.as_tensor())?.backward()?;
         let directions = match backward.get(embeddings.as_tensor()) {
             Some(g) => g.clone(),
