@@ -446,9 +446,9 @@ impl PlaneMap {
         let weight = self.weights::<T>();
         for (g, out) in g.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
             for (p, &gp) in g.iter().enumerate() {
-                for t in self.starts[p]..self.starts[p + 1] {
-                    let s = self.src[t];
-                    out[s] = out[s] + weight[t] * gp;
+                let taps = self.starts[p]..self.starts[p + 1];
+                for (&s, &w) in self.src[taps.clone()].iter().zip(&weight[taps]) {
+                    out[s] = out[s] + w * gp;
                 }
             }
         }

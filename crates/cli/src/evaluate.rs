@@ -1,11 +1,13 @@
 //! `debiasdd evaluate`: trains K fresh networks on a synthetic (distilled or subset) set with the
-//! DC protocol and scores them on the unbiased test split of a Colored MNIST file.
+//! DC protocol (or, with `--dsa`, the DSA/DM one) and scores them on the unbiased test split of a
+//! Colored MNIST file.
 
 use std::path::PathBuf;
 
 use clap::Args;
 use debiasdd_eval::data::SyntheticSet;
 use debiasdd_eval::evaluate::evaluate;
+use debiasdd_eval::train::TrainConfig;
 
 use crate::net_args::{NetArgs, eval_config, write_outputs};
 use crate::progress::EvalBar;
@@ -23,12 +25,17 @@ pub struct EvaluateArgs {
     /// K: networks trained and scored.
     #[arg(long, default_value_t = 5)]
     models: usize,
-    /// Training epochs [default: the DC protocol's 1000 with augmentation, 300 without].
+    /// Training epochs [default: the DC protocol's 1000 with augmentation, 300 without; 1000
+    /// with --dsa].
     #[arg(long)]
     epochs: Option<usize>,
     /// Train without the DC augmentation.
     #[arg(long)]
     no_augment: bool,
+    /// Train with Differentiable Siamese Augmentation (the DSA/DM evaluation protocol: strategy
+    /// color_crop_cutout_scale_rotate, 1000 epochs) instead of DC's augmentation.
+    #[arg(long, conflicts_with = "no_augment")]
+    dsa: bool,
     /// Report as JSON.
     #[arg(long)]
     json: PathBuf,
@@ -41,7 +48,15 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     let device = args.net.device()?;
     let data = debiasdd_cmnist::io::load(&args.data)?;
     let synthetic = SyntheticSet::load(&args.synthetic)?;
-    let config = eval_config(&args.net, args.models, args.epochs, !args.no_augment)?;
+    let mut config = eval_config(&args.net, args.models, args.epochs, !args.no_augment)?;
+    if args.dsa {
+        let dsa = TrainConfig::dsa();
+        config.train = TrainConfig {
+            epochs: args.epochs.unwrap_or(dsa.epochs),
+            ..dsa
+        };
+    }
+    tracing::info!(augment = %config.train.augment.describe(), "evaluation training");
     let bar = EvalBar::new(config.n_models, config.train.epochs);
     let report = evaluate(
         &synthetic.set,

@@ -1,4 +1,7 @@
-//! The DC evaluation's data augmentation for MNIST, seeded and parallel.
+//! The evaluation's data augmentation for MNIST (DC's, or DSA's through `debiasdd-augment`), seeded and parallel.
+//!
+//! [`Augment::Dsa`] trains with Differentiable Siamese Augmentation as the official DSA/DM
+//! evaluation does (see `debiasdd_augment` for its semantics); the rest of this module is DC's.
 //!
 //! Reproduces `augment()` of the official DC code (github.com/VICO-UoE/DatasetCondensation,
 //! commit 53f63a6, `utils.py` lines 365-425; parameters from `get_daparam`, lines 428-445:
@@ -37,6 +40,7 @@
 //! * a transform whose parameter is 0 (`crop: 0`, `scale: 0.0`, `rotate_degrees < 1`) is left
 //!   out of the draw instead of being drawn as a no-op (DC would crash on `crop: 0`).
 
+use debiasdd_augment::{DsaConfig, ImageShape};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -104,14 +108,18 @@ impl AugmentConfig {
     }
 }
 
-/// Whether training batches are augmented.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Whether and how training batches are augmented.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Augment {
     /// Images are used as they are.
     None,
     /// The DC augmentation (the default: the DC protocol augments on MNIST).
     Dc(AugmentConfig),
+    /// Differentiable Siamese Augmentation as the official `epoch()` applies it when it
+    /// trains an evaluation network (`DiffAugment(img, strategy, seed=-1, param)`): one family
+    /// per batch, every image its own parameters (`debiasdd_augment::DsaConfig::draw_batch`).
+    Dsa(DsaConfig),
 }
 
 impl Default for Augment {
@@ -121,10 +129,55 @@ impl Default for Augment {
 }
 
 impl Augment {
-    /// Augments a batch in place (see [`augment_batch`]); a no-op for [`Augment::None`].
+    /// Augments a batch in place, `shape = (n, c, h, w)`, every random choice from `seed`: DC
+    /// through [`augment_batch`], DSA with `draw_batch(n)` from `ChaCha8Rng::seed_from_u64(seed)`
+    /// (non-Siamese); a no-op for [`Augment::None`].
+    ///
+    /// # Panics
+    /// If `images.len() != n * c * h * w`.
     pub fn apply(&self, images: &mut [f32], shape: (usize, usize, usize, usize), seed: u64) {
-        if let Self::Dc(config) = self {
-            augment_batch(images, shape, config, seed);
+        match self {
+            Self::None => {}
+            Self::Dc(config) => augment_batch(images, shape, config, seed),
+            Self::Dsa(config) => {
+                let (n, channels, height, width) = shape;
+                assert_eq!(
+                    images.len(),
+                    n * channels * height * width,
+                    "Augment::apply: {} values for a batch of shape {shape:?}",
+                    images.len()
+                );
+                let transforms = config.draw_batch(n, &mut ChaCha8Rng::seed_from_u64(seed));
+                let image = ImageShape {
+                    channels,
+                    height,
+                    width,
+                };
+                debiasdd_augment::augment_slice(images, image, &transforms);
+            }
+        }
+    }
+
+    /// Checks the augmentation's parameters.
+    pub fn validate(&self) -> Result<(), EvalError> {
+        match self {
+            Self::None => Ok(()),
+            Self::Dc(config) => config.validate(),
+            Self::Dsa(config) => config
+                .validate()
+                .map_err(|e| EvalError::BadAugment(e.to_string())),
+        }
+    }
+
+    /// One line for reports: `none`, `DC crop 4, scale 0.2, rotate 45` or the DSA description.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::None => "none".into(),
+            Self::Dc(c) => format!(
+                "DC crop {}, scale {}, rotate {}",
+                c.crop, c.scale, c.rotate_degrees
+            ),
+            Self::Dsa(c) => c.describe(),
         }
     }
 }
@@ -592,6 +645,53 @@ mod tests {
             ..AugmentConfig::default()
         };
         assert!(bad_rotate.validate().is_err());
+    }
+
+    #[test]
+    fn dsa_is_seeded_one_family_per_batch_and_validated() -> anyhow::Result<()> {
+        let shape = (8, 3, 10, 12);
+        let original = batch(8, 3, 10, 12);
+        let dsa = Augment::Dsa(DsaConfig::default());
+        let (mut a, mut b, mut d) = (original.clone(), original.clone(), original.clone());
+        dsa.apply(&mut a, shape, 7);
+        dsa.apply(&mut b, shape, 7);
+        dsa.apply(&mut d, shape, 8);
+        assert_eq!(a, b);
+        assert_ne!(a, d);
+        // The same as drawing the batch from the seed and applying it by hand.
+        let transforms = DsaConfig::default().draw_batch(8, &mut ChaCha8Rng::seed_from_u64(7));
+        let mut by_hand = original.clone();
+        let image = ImageShape {
+            channels: 3,
+            height: 10,
+            width: 12,
+        };
+        debiasdd_augment::augment_slice(&mut by_hand, image, &transforms);
+        assert_eq!(a, by_hand);
+        // Per-image parameters: two copies of one image come out differently.
+        let one = batch(1, 3, 10, 12);
+        let mut twice = [one.clone(), one].concat();
+        let rotate_only = Augment::Dsa(DsaConfig {
+            families: vec![debiasdd_augment::Family::Rotate],
+            ..DsaConfig::default()
+        });
+        rotate_only.apply(&mut twice, (2, 3, 10, 12), 1);
+        assert_ne!(twice[..360], twice[360..]);
+        let bad = Augment::Dsa(DsaConfig {
+            crop: 2.0,
+            ..DsaConfig::default()
+        });
+        let message = bad.validate().unwrap_err().to_string();
+        assert!(message.contains("crop"), "{message}");
+        assert!(dsa.validate().is_ok());
+        let json = serde_json::to_string(&dsa)?;
+        assert!(
+            json.starts_with(r#"{"kind":"dsa","families":["color","crop""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Augment>(&json)?, dsa);
+        assert!(dsa.describe().contains("color_crop_cutout_scale_rotate"));
+        Ok(())
     }
 
     #[test]

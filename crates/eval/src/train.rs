@@ -4,7 +4,7 @@
 //! mini-batches of 256 reshuffled every epoch, epochs `0..=E` (E + 1 passes, as
 //! `range(Epoch + 1)`), and after epoch `E / 2 + 1` the learning rate drops x0.1 with a fresh
 //! optimiser (DC builds a new `torch.optim.SGD`, so momentum restarts). Each training batch is
-//! augmented (DC augmentation, [`crate::augment`]) unless augmentation is off. Group-balanced
+//! augmented (DC's or DSA's augmentation, [`crate::augment`]) unless augmentation is off. Group-balanced
 //! training draws each epoch's samples with replacement, weighted so that every non-empty group
 //! has the same total weight (`debiasdd_groups::GroupIndex::balanced_weights`).
 
@@ -83,6 +83,19 @@ impl TrainConfig {
         }
     }
 
+    /// The DSA / DM evaluation protocol (the official `main.py` with `--method DSA` and
+    /// `main_DM.py`): E = 1000 with DSA's augmentation (the digit strategy
+    /// `color_crop_cutout_scale_rotate`), otherwise as [`TrainConfig::dc`]: the same
+    /// `evaluate_synset` (SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, lr x0.1 with a
+    /// fresh optimiser after epoch `E // 2 + 1`); only the augmentation in `epoch()` differs.
+    pub fn dsa() -> Self {
+        Self {
+            epochs: 1000,
+            augment: Augment::Dsa(debiasdd_augment::DsaConfig::default()),
+            ..Self::default()
+        }
+    }
+
     /// The epoch after which the learning rate drops (DC: `Epoch // 2 + 1`).
     pub fn decay_epoch(&self) -> usize {
         self.epochs / 2 + 1
@@ -101,9 +114,7 @@ impl TrainConfig {
             )));
         }
         self.sgd.validate()?;
-        if let Augment::Dc(config) = &self.augment {
-            config.validate()?;
-        }
+        self.augment.validate()?;
         Ok(())
     }
 }
