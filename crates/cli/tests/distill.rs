@@ -322,7 +322,15 @@ fn dm_distils_with_dsa_over_every_strata_and_refuses_dc_options() -> anyhow::Res
     }
     // Real init asking more of a group than it has: drawn with replacement, and said so.
     let out = dir.path().join("ipc20.safetensors");
-    let mut args = vec!["distill", "--method", "dm", "--ipc", "20", "--data", s(&data)];
+    let mut args = vec![
+        "distill",
+        "--method",
+        "dm",
+        "--ipc",
+        "20",
+        "--data",
+        s(&data),
+    ];
     args.extend(["--out", s(&out)]);
     args.extend(net);
     let run = debiasdd(&args);

@@ -38,6 +38,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod cpu_loss;
 pub mod dc;
 pub mod dm;
 pub mod driver;

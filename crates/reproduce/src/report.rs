@@ -189,52 +189,59 @@ fn markdown(
         },
         compute / 60.0
     );
-    let first = config.distillations()[0];
-    let d = config.distill_config(
-        Distilled {
-            mode: MatchMode::Class,
-            ..first
-        },
-        0,
-    );
-    let dg = config.distill_config(
-        Distilled {
-            mode: MatchMode::Group,
-            ..first
-        },
-        0,
-    );
+    // One sentence per method of the grid, from its class- and group-wise configs.
+    let mut methods: Vec<MethodKind> = config.distillations().iter().map(|d| d.method).collect();
+    methods.dedup();
+    let distillation: Vec<String> = methods
+        .iter()
+        .map(|&method| {
+            let of = |mode| config.distill_config(Distilled { method, mode }, 0);
+            let (d, dg) = (of(MatchMode::Class), of(MatchMode::Group));
+            format!(
+                "Distillation ({}): ipc {}, width {}, {}, {} iterations from {} init, real batch {} \
+                 per class ({} per group in the group-based modes), {}.",
+                method.label(),
+                d.settings.ipc,
+                d.settings.model.width,
+                d.method.describe(),
+                d.settings.iterations,
+                d.settings.init,
+                d.settings.batch_real,
+                dg.settings.batch_real,
+                if d.settings.dsa.is_some() {
+                    "DSA"
+                } else {
+                    "no DSA"
+                },
+            )
+        })
+        .collect();
+    let baselines = if config.baselines {
+        format!(
+            " Full-data baselines: {} of width {}, {} over the train split.",
+            count(config.baseline.n_models, "ConvNet", "ConvNets"),
+            model_width(&config.baseline.model),
+            count(config.baseline.train.epochs + 1, "pass", "passes"),
+        )
+    } else {
+        " No full-data baselines.".to_owned()
+    };
     let _ = writeln!(
         md,
         "Settings: Colored MNIST preset `{}` ({} train images; the ratio is the share of \
-         bias-conflicting images per class); seeds {:?}. Distillation ({}): ipc {}, width {}, \
-         {}, {} iterations from {} init, real batch {} per class ({} per group in the \
-         group-based modes). Distilled sets and random subsets of the same size are \
-         scored by {} of width {} trained for E = {} epochs (E + 1 passes, as DC counts){}. \
-         Full-data baselines: {} of width {}, {} over the train split. Mean ± std \
-         over every network of every seed; all numbers on the unbiased test split.\n",
+         bias-conflicting images per class); seeds {:?}. {} Distilled sets and random subsets \
+         of the same size are scored by {} of width {} trained for E = {} epochs (E + 1 passes, \
+         as DC counts), augmentation: {}.{} Mean ± std over every network of every seed; all numbers on the \
+         unbiased test split.\n",
         config.cmnist.preset.name(),
         config.cmnist.train_size,
         config.seeds,
-        d.method.kind().label(),
-        d.settings.ipc,
-        d.settings.model.width,
-        d.method.describe(),
-        d.settings.iterations,
-        d.settings.init,
-        d.settings.batch_real,
-        dg.settings.batch_real,
+        distillation.join(" "),
         count(config.eval.n_models, "ConvNet", "ConvNets"),
         model_width(&config.eval.model),
         config.eval.train.epochs,
-        if config.eval.train.augment == debiasdd_eval::augment::Augment::None {
-            ", no augmentation"
-        } else {
-            ", DC augmentation"
-        },
-        count(config.baseline.n_models, "ConvNet", "ConvNets"),
-        model_width(&config.baseline.model),
-        count(config.baseline.train.epochs + 1, "pass", "passes"),
+        config.eval.train.augment.describe(),
+        baselines,
     );
     let lookup: BTreeMap<(String, String), &MethodSummary> = summary
         .iter()

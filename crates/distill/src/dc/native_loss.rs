@@ -12,9 +12,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
 use debiasdd_model::ConvNetConfig;
 use debiasdd_model::backend::{Segments, cpu};
+
+use crate::cpu_loss::{input_images, scalar_output};
 
 use super::distance::{Distance, distance};
 
@@ -68,24 +70,13 @@ impl CustomOp1 for NativeMatchingLoss {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("matching loss: the synthetic images must be contiguous")
-        };
-        let syn = match storage {
-            CpuStorage::F32(d) => Tensor::from_slice(&d[start..end], layout.shape(), &Device::Cpu)?,
-            CpuStorage::F64(d) => Tensor::from_slice(&d[start..end], layout.shape(), &Device::Cpu)?,
-            _ => candle_core::bail!("matching loss: only f32 and f64 are supported"),
-        };
+        let syn = input_images(storage, layout, "matching loss")?;
         let grads = self.syn_gradients(&syn)?;
         let loss = distance(self.distance, &self.term_gradients(&grads)?, &self.g_real)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
         *self.cached() = Some(grads);
-        let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(vec![loss as f32]),
-            _ => CpuStorage::F64(vec![loss]),
-        };
-        Ok((out, Shape::from(())))
+        Ok(scalar_output(storage, loss))
     }
 
     fn bwd(&self, syn: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
