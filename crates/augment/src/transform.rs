@@ -505,18 +505,20 @@ fn for_each_image<T: Float + Send + Sync>(
         "augment: {} transforms for {n} images: pass one per image or one for all",
         transforms.len()
     );
-    let shared = (transforms.len() == 1).then(|| transforms[0].resolve(shape));
+    // Resolve each run of equal consecutive transforms once (a Siamese term's images share
+    // one), not once per image.
+    let mut maps: Vec<Resolved> = Vec::new();
+    let mut map_of: Vec<usize> = Vec::with_capacity(transforms.len());
+    for (i, t) in transforms.iter().enumerate() {
+        if i == 0 || *t != transforms[i - 1] {
+            maps.push(t.resolve(shape));
+        }
+        map_of.push(maps.len() - 1);
+    }
     xs.par_chunks_mut(per_image).enumerate().for_each_init(
         || vec![T::zero(); per_image],
         |buffer, (i, image)| {
-            let own;
-            let map = match &shared {
-                Some(map) => map,
-                None => {
-                    own = transforms[i].resolve(shape);
-                    &own
-                }
-            };
+            let map = &maps[map_of[if map_of.len() == 1 { 0 } else { i }]];
             if transpose {
                 map.apply_transpose(shape, image, buffer);
             } else {

@@ -306,12 +306,11 @@ impl<M: Matcher> Distiller<M> {
                     let per_segment: Vec<Transform> = (0..self.plan.syn_segments().count())
                         .map(|_| dsa.draw_siamese(&mut dsa_rng))
                         .collect();
-                    let stratum_segments = self.plan.stratum_segments();
                     let per_real: Vec<Transform> = real
                         .segments
                         .lens()
                         .iter()
-                        .zip(&stratum_segments)
+                        .zip(self.plan.stratum_segments())
                         .flat_map(|(&len, &s)| std::iter::repeat_n(&per_segment[s], len))
                         .cloned()
                         .collect();

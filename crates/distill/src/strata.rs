@@ -142,6 +142,8 @@ pub struct MatchingPlan {
     syn_groups: Vec<Option<u16>>,
     strata: Vec<Stratum>,
     terms: Vec<Term>,
+    /// The synthetic segment of every stratum's term.
+    stratum_segments: Vec<usize>,
     /// Groups without real samples (they contribute no term).
     empty_groups: Vec<u16>,
     /// Train-split indices of every group and of every class (for real initialisation).
@@ -259,6 +261,12 @@ impl MatchingPlan {
             device,
         )?;
         let real_mix = real_mix(&terms, strata.len(), device)?;
+        let mut stratum_segments = vec![0; strata.len()];
+        for term in &terms {
+            for &s in &term.strata {
+                stratum_segments[s] = term.syn_segment;
+            }
+        }
         Ok(Self {
             mode,
             syn_label_tensor: label_tensor(&syn_labels, device)?,
@@ -267,6 +275,7 @@ impl MatchingPlan {
             syn_groups,
             strata,
             terms,
+            stratum_segments,
             empty_groups,
             group_members,
             class_members,
@@ -315,14 +324,8 @@ impl MatchingPlan {
 
     /// The synthetic segment every stratum is matched against (each stratum belongs to exactly
     /// one term in every mode), in [`Self::strata`] order.
-    pub fn stratum_segments(&self) -> Vec<usize> {
-        let mut out = vec![0; self.strata.len()];
-        for term in &self.terms {
-            for &s in &term.strata {
-                out[s] = term.syn_segment;
-            }
-        }
-        out
+    pub fn stratum_segments(&self) -> &[usize] {
+        &self.stratum_segments
     }
 
     /// Groups with no real training images; in group modes they get no matching term.
