@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
 use debiasdd_cmnist::{GreySource, SourceKind, Verification};
+use debiasdd_data::SyntheticSet;
 use debiasdd_distill::MatchMode;
-use debiasdd_eval::data::SyntheticSet;
 use debiasdd_reproduce::report::Results;
 use debiasdd_reproduce::{
     Event, Method, Outcome, Paths, ReproduceConfig, ReproduceError, ReproducePreset,

@@ -52,11 +52,11 @@ pub fn run(args: CmnistArgs, root: &Path) -> Result<()> {
         let data = debiasdd_cmnist::build(&source, &config)
             .with_context(|| format!("building ratio {ratio}"))?;
         let path = dataset_path(&out_dir, args.preset, ratio, args.seed);
-        debiasdd_cmnist::io::save(&data, &path)?;
+        debiasdd_data::file::save(&data, &path)?;
         let preview = path.with_extension("png");
-        debiasdd_cmnist::preview::write_preview(&data.train, &config.palette, &preview)?;
+        debiasdd_data::preview::write_preview(&data.train, Some(&config.palette), &preview)?;
         let conflicting = (0..data.train.len())
-            .filter(|&i| !data.train.is_aligned(i))
+            .filter(|&i| !debiasdd_cmnist::is_aligned(&data.train, i))
             .count();
         let empty = data.train.group_index().empty_groups().len();
         println!(

@@ -21,7 +21,13 @@ pub struct ReproduceArgs {
     /// paper: the protocol (3 seeds, DC and DM over all four strata, width 128; a GPU job).
     #[arg(long, default_value = "quick")]
     preset: ReproducePreset,
-    /// Folder with the four MNIST files (`NAME.gz` or raw). Without it (and without
+    /// The benchmark the grid runs on, a `debiasdd generate` preset: seed (the project's
+    /// Colored MNIST), fairdd (FairDD's C-MNIST FG), cmnist-bg, cfmnist-fg, cfmnist-bg. Results
+    /// go to <OUT>/<preset> for seed, <OUT>/<preset>-<benchmark> otherwise.
+    #[arg(long, default_value = "seed")]
+    benchmark: debiasdd_cmnist::Preset,
+    /// Folder with the four grey IDX files (`NAME.gz` or raw; Fashion-MNIST for the cfmnist
+    /// benchmarks). Without it (and, for MNIST, without
     /// $DEBIASDD_MNIST_DIR) they are downloaded into data/mnist.
     #[arg(long, value_name = "DIR")]
     mnist_dir: Option<PathBuf>,
@@ -86,7 +92,16 @@ impl ReproduceArgs {
         if self.dsa || self.no_dsa {
             c.distill.dsa = Some(self.dsa);
         }
+        c.cmnist = debiasdd_cmnist::ColoredMnistConfig::new(self.benchmark, 0.0, 0);
         c
+    }
+
+    /// The grid's folder under the results root.
+    fn out_name(&self) -> String {
+        match self.benchmark {
+            debiasdd_cmnist::Preset::Seed => self.preset.name().to_owned(),
+            other => format!("{}-{}", self.preset.name(), other.name()),
+        }
     }
 }
 
@@ -96,7 +111,7 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
     config.validate()?;
     let device = debiasdd_model::device::parse_device(&args.device)?;
     debiasdd_model::device::set_tf32(args.tf32);
-    let out = root.join(&args.out).join(config.preset.name());
+    let out = root.join(&args.out).join(args.out_name());
     let paths = Paths {
         out: out.clone(),
         datasets: args
@@ -105,6 +120,7 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
             .unwrap_or_else(|| root.join("data/cmnist")),
     };
     let source_args = download::Args {
+        dataset: config.cmnist.source,
         from: args.mnist_dir.clone(),
         skip_checksum: args.skip_checksum,
         ..download::Args::default()

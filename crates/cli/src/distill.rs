@@ -165,7 +165,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
         anyhow::bail!("--grid-every and --checkpoint-every must be at least 1");
     }
     let device = debiasdd_model::device::parse_device(&args.device)?;
-    let data = debiasdd_cmnist::io::load(&args.data)?;
+    let data = debiasdd_data::file::load(&args.data)?;
     let mut distiller = Distiller::new(config.clone(), &data.train, &device, DType::F32)?;
     if let Some(resume) = &args.resume {
         distiller.load_checkpoint(resume)?;

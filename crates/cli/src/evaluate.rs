@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use debiasdd_eval::data::SyntheticSet;
+use debiasdd_data::SyntheticSet;
 use debiasdd_eval::evaluate::evaluate;
 use debiasdd_eval::train::TrainConfig;
 
@@ -46,7 +46,7 @@ pub struct EvaluateArgs {
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     let device = args.net.device()?;
-    let data = debiasdd_cmnist::io::load(&args.data)?;
+    let data = debiasdd_data::file::load(&args.data)?;
     let synthetic = SyntheticSet::load(&args.synthetic)?;
     let mut config = eval_config(&args.net, args.models, args.epochs, !args.no_augment)?;
     if args.dsa {
@@ -61,7 +61,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     let report = evaluate(
         &synthetic.set,
         &synthetic.norm,
-        &data.test,
+        &data,
         &config,
         &device,
         &mut |p| bar.update(p),
@@ -71,6 +71,6 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
         &report,
         &args.json,
         args.heatmap.as_deref(),
-        &data.config.palette,
+        data.info.attribute_colours.as_deref(),
     )
 }

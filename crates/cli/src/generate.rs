@@ -7,24 +7,30 @@ use anyhow::Context;
 use clap::Args;
 
 use debiasdd_cmnist::colored::N_COLOURS;
-use debiasdd_cmnist::{ColoredMnistConfig, GreySource, Preset, SourceKind, Split, Verification};
+use debiasdd_cmnist::{
+    ColoredMnistConfig, GreySource, Preset, SourceKind, Verification, is_aligned,
+};
+use debiasdd_data::Split;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Folder with the four grey IDX files (.gz or raw), e.g. as stored by `cargo xtask download`.
-    #[arg(long, env = "DEBIASDD_MNIST_DIR", default_value = "data/mnist")]
-    mnist_dir: PathBuf,
-    /// Grey source in that folder.
-    #[arg(long, default_value = "mnist")]
-    dataset: SourceKind,
+    /// Folder with the four grey IDX files (.gz or raw), e.g. as stored by `cargo xtask download`
+    /// [default: data/mnist, or data/fashion-mnist for the cfmnist presets].
+    #[arg(long, env = "DEBIASDD_MNIST_DIR")]
+    mnist_dir: Option<PathBuf>,
+    /// Grey source in that folder: mnist or fashion-mnist [default: the preset's].
+    #[arg(long)]
+    dataset: Option<SourceKind>,
     /// Fraction of bias-conflicting training samples per class, in [0, 1] (smaller = more biased).
     #[arg(long)]
     ratio: f64,
     /// Seed of every random choice (split, conflicting samples, colours, jitter).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// seed: the project's protocol (45k/5k/10k, LfF palette); fairdd: FairDD's (60k train,
-    /// ReBias palette, binarised digits); grey: plain MNIST in 3 channels (no bias, a control).
+    /// seed: the project's protocol (45k/5k/10k, LfF palette); fairdd: FairDD's C-MNIST FG (60k
+    /// train, ReBias palette, binarised digits); grey: plain MNIST in 3 channels (no bias, a
+    /// control); cmnist-bg: FairDD's C-MNIST BG (the colour behind a white digit); cfmnist-fg /
+    /// cfmnist-bg: FairDD's Colored Fashion-MNIST, colour on / behind the item.
     #[arg(long, default_value = "seed")]
     preset: Preset,
     /// Output file (.safetensors).
@@ -51,7 +57,7 @@ impl GenerateArgs {
     fn config(&self) -> ColoredMnistConfig {
         let base = ColoredMnistConfig::new(self.preset, self.ratio, self.seed);
         ColoredMnistConfig {
-            source: self.dataset,
+            source: self.dataset.unwrap_or(base.source),
             train_size: self.train_size.unwrap_or(base.train_size),
             valid_size: self.valid_size.unwrap_or(base.valid_size),
             jitter_std: self.jitter.unwrap_or(base.jitter_std),
@@ -64,12 +70,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let config = args.config();
     // Validate the cheap things before reading 50 MB of data.
     config.check(usize::MAX)?;
-    if !args.mnist_dir.is_dir() {
+    let mnist_dir = args
+        .mnist_dir
+        .clone()
+        .unwrap_or_else(|| match config.source {
+            SourceKind::Mnist => "data/mnist".into(),
+            SourceKind::FashionMnist => "data/fashion-mnist".into(),
+        });
+    if !mnist_dir.is_dir() {
         anyhow::bail!(
-            "grey data folder {} does not exist; run `cargo xtask download --from DIR` or pass \
-             --mnist-dir DIR (or set DEBIASDD_MNIST_DIR) to a folder with the four {} IDX files",
-            args.mnist_dir.display(),
-            args.dataset
+            "grey data folder {} does not exist; run `cargo xtask download --dataset {} --from \
+             DIR` or pass --mnist-dir DIR (or set DEBIASDD_MNIST_DIR) to a folder with the four \
+             {} IDX files",
+            mnist_dir.display(),
+            config.source,
+            config.source
         );
     }
     let verification = if args.skip_checksum {
@@ -78,14 +93,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         Verification::Checksums
     };
     let started = Instant::now();
-    let source = GreySource::load(&args.mnist_dir, args.dataset, verification)?;
+    let source = GreySource::load(&mnist_dir, config.source, verification)?;
     tracing::info!(elapsed = ?started.elapsed(), "loaded grey source");
     let built = Instant::now();
     let data = debiasdd_cmnist::build(&source, &config)?;
     tracing::info!(elapsed = ?built.elapsed(), "generated Colored MNIST");
-    debiasdd_cmnist::io::save(&data, &args.out)?;
+    debiasdd_data::file::save(&data, &args.out)?;
     if let Some(preview) = &args.preview {
-        debiasdd_cmnist::preview::write_preview(&data.train, &config.palette, preview)
+        debiasdd_data::preview::write_preview(&data.train, Some(&config.palette), preview)
             .context("writing the preview")?;
     }
 
@@ -111,7 +126,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ("valid", &data.valid),
         ("test", &data.test),
     ] {
-        let aligned = (0..split.len()).filter(|&i| split.is_aligned(i)).count();
+        let aligned = (0..split.len()).filter(|&i| is_aligned(split, i)).count();
         println!(
             "{name:<6} {:>8} {aligned:>8} {:>12}",
             split.len(),

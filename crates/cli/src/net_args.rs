@@ -74,19 +74,19 @@ pub fn eval_config(
 }
 
 /// What every evaluating command leaves behind: the JSON report, the optional per-group heat
-/// map (with the dataset's palette above its columns), and the summary on stdout.
+/// map (with the dataset's attribute colours above its columns), and the summary on stdout.
 pub fn write_outputs(
     report: &EvalReport,
     json: &Path,
     heatmap: Option<&Path>,
-    palette: &[[u8; 3]],
+    colours: Option<&[[u8; 3]]>,
 ) -> anyhow::Result<()> {
     write_json(report, json)?;
     if let Some(path) = heatmap {
         debiasdd_eval::heatmap::write_group_heatmap(
             &report.summary.group_accuracy_mean,
             path,
-            Some(palette),
+            colours,
         )?;
     }
     crate::progress::print_summary(report);

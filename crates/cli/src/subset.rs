@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use debiasdd_eval::data::{Normalization, Stratify, SyntheticSet, random_real_subset};
+use debiasdd_data::{Normalization, Stratify, SyntheticSet, random_real_subset};
 use rand::SeedableRng;
 
 #[derive(Debug, Args)]
@@ -38,7 +38,7 @@ fn parse_stratify(s: &str) -> Result<Stratify, String> {
 }
 
 pub fn run(args: SubsetArgs) -> anyhow::Result<()> {
-    let data = debiasdd_cmnist::io::load(&args.data)?;
+    let data = debiasdd_data::file::load(&args.data)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
     let set = random_real_subset(&data.train, args.stratify, args.per, &mut rng)?;
     let config = serde_json::json!({

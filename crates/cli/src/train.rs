@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use debiasdd_eval::data::{ImageSet, Normalization};
+use debiasdd_data::{ImageSet, Normalization};
 use debiasdd_eval::evaluate::evaluate;
 use debiasdd_eval::train::Sampling;
 
@@ -43,7 +43,7 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let device = args.net.device()?;
-    let data = debiasdd_cmnist::io::load(&args.data)?;
+    let data = debiasdd_data::file::load(&args.data)?;
     let norm = Normalization::of_split(&data.train);
     let mut train = ImageSet::from_split(&data.train);
     if let Some(limit) = args.limit {
@@ -55,7 +55,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         config.train.sampling = Sampling::GroupBalanced;
     }
     let bar = EvalBar::new(config.n_models, config.train.epochs);
-    let report = evaluate(&train, &norm, &data.test, &config, &device, &mut |p| {
+    let report = evaluate(&train, &norm, &data, &config, &device, &mut |p| {
         bar.update(p)
     })?;
     bar.finish();
@@ -63,6 +63,6 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         &report,
         &args.json,
         args.heatmap.as_deref(),
-        &data.config.palette,
+        data.info.attribute_colours.as_deref(),
     )
 }

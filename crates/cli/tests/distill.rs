@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use debiasdd_eval::data::SyntheticSet;
+use debiasdd_data::SyntheticSet;
 
 mod common;
 use common::{assert_clean_failure, debiasdd, s, text, tiny_dataset};
@@ -140,9 +140,9 @@ fn subsets_are_stratified() -> anyhow::Result<()> {
     ]);
     assert!(run.status.success(), "{}", text(&run.stderr));
     let set = SyntheticSet::load(&group)?;
-    let cmnist = debiasdd_cmnist::io::load(&data)?;
+    let cmnist = debiasdd_data::file::load(&data)?;
     let non_empty = (0..100u16)
-        .filter(|g| cmnist.train.groups.contains(g))
+        .filter(|&g| cmnist.train.group_ids().contains(&Some(g)))
         .count();
     assert_eq!(set.set.len(), non_empty);
     let mut groups: Vec<u16> = set.set.groups.iter().map(|g| g.unwrap()).collect();

@@ -42,12 +42,15 @@ fn generates_file_preview_and_table_from_a_small_source() -> anyhow::Result<()> 
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let data = debiasdd_cmnist::io::load(&file)?;
+    let data = debiasdd_data::file::load(&file)?;
     assert_eq!(
         (data.train.len(), data.valid.len(), data.test.len()),
         (300, 50, 100)
     );
-    assert_eq!(data.config.seed, 3);
+    assert_eq!(
+        debiasdd_cmnist::ColoredMnistConfig::of_dataset(&data).map(|c| c.seed),
+        Some(3)
+    );
     assert_eq!(image::open(&png)?.width(), 604);
     let train_row: Vec<&str> = stdout
         .lines()
@@ -169,7 +172,7 @@ fn real_mnist_seed_preset_follows_the_protocol() -> anyhow::Result<()> {
         Ok(file)
     };
     let first = run("a.safetensors")?;
-    let data = debiasdd_cmnist::io::load(&first)?;
+    let data = debiasdd_data::file::load(&first)?;
     assert_eq!(
         (data.train.len(), data.valid.len(), data.test.len()),
         (45_000, 5_000, 10_000)
@@ -180,7 +183,7 @@ fn real_mnist_seed_preset_follows_the_protocol() -> anyhow::Result<()> {
             .collect();
         let conflicting = members
             .iter()
-            .filter(|&&i| !data.train.is_aligned(i))
+            .filter(|&&i| !debiasdd_cmnist::is_aligned(&data.train, i))
             .count();
         assert_eq!(
             conflicting,
@@ -190,8 +193,8 @@ fn real_mnist_seed_preset_follows_the_protocol() -> anyhow::Result<()> {
     }
     for split in [&data.valid, &data.test] {
         let mut per_colour = [0usize; 10];
-        for &c in &split.colours {
-            per_colour[usize::from(c)] += 1;
+        for c in split.attributes.iter().flatten() {
+            per_colour[usize::from(*c)] += 1;
         }
         let expected = split.len() / 10;
         for n in per_colour {

@@ -58,7 +58,7 @@ fn run(data: &Path, dir: &Path, name: &str, extra: &[&str]) -> (Vec<u64>, u64) {
             v["loss"].as_f64().expect("a loss").to_bits()
         })
         .collect();
-    let set = debiasdd_eval::data::SyntheticSet::load(&out).expect("synthetic set");
+    let set = debiasdd_data::SyntheticSet::load(&out).expect("synthetic set");
     let bytes: Vec<u8> = set
         .set
         .images

@@ -1,4 +1,6 @@
-//! The Colored MNIST generator: a pure function of (grey source, config).
+//! The Colored MNIST generator (and Colored Fashion-MNIST): a pure function of (grey source,
+//! config) that returns a [`Dataset`] of the data layer. This module is the one place that
+//! knows Colored MNIST's sizes: 3 x 28 x 28 images, 10 classes x 10 colours.
 //!
 //! Protocol ("seed" preset): a seeded permutation of the grey training images gives train (first
 //! 45,000) and valid (next 5,000); test is the grey test set. Every digit is coloured in the
@@ -6,7 +8,9 @@
 //! jittered by Gaussian noise (std 0.005 per channel, clipped to [0, 1]). In train, exactly
 //! `round(ratio * n_k)` samples of class `k` are bias-conflicting, each in a colour drawn
 //! uniformly from the 9 other colours; the rest are in colour `k`. Valid and test colours are
-//! uniform over all 10. Group id = class * 10 + colour.
+//! uniform over all 10. Group id = class * 10 + colour. Background colouring ([`Colouring`])
+//! keeps the digit's grey and puts the colour behind it:
+//! `pixel = intensity + (1 - intensity / 255) * colour`.
 //!
 //! Randomness: one ChaCha8 generator per purpose, all seeded by `config.seed` and told apart by
 //! their stream number ([`Stream`]), so changing how one purpose draws never shifts another.
@@ -19,7 +23,8 @@ use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use debiasdd_groups::{GroupIndex, GroupSpec};
+use debiasdd_data::{Dataset, DatasetInfo, ImageShape, Split};
+use debiasdd_groups::GroupSpec;
 
 use crate::error::{CmnistError, Result};
 use crate::idx::IdxImages;
@@ -27,6 +32,12 @@ use crate::source::{GreySource, N_CLASSES, SourceKind};
 
 /// Image side length; images are `3 x SIDE x SIDE`.
 pub const SIDE: usize = 28;
+/// The image shape of Colored MNIST: 3 x 28 x 28.
+pub const SHAPE: ImageShape = ImageShape {
+    channels: 3,
+    height: SIDE,
+    width: SIDE,
+};
 /// Bytes of one coloured image.
 pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
 /// Number of colours (bias attributes).
@@ -76,14 +87,43 @@ pub enum Preset {
     /// palette entry white and no jitter, so all three channels equal the grey image. Colour
     /// indices are still drawn (and stored) but invisible: the control without bias.
     Grey,
+    /// FairDD's C-MNIST (BG): the `fairdd` preset with the colour in the background and the
+    /// binarised digit white.
+    CmnistBg,
+    /// FairDD's C-FMNIST (FG): Fashion-MNIST, 60k train, ReBias palette, the grey item scaled
+    /// by the colour (not binarised: garments are textured).
+    CfmnistFg,
+    /// FairDD's C-FMNIST (BG) / Cui et al.'s BG-FMNIST: Fashion-MNIST with the colour in the
+    /// background and the item's grey kept.
+    CfmnistBg,
 }
 
 impl Preset {
+    pub const ALL: [Preset; 6] = [
+        Preset::Seed,
+        Preset::Fairdd,
+        Preset::Grey,
+        Preset::CmnistBg,
+        Preset::CfmnistFg,
+        Preset::CfmnistBg,
+    ];
+
+    /// The grey source the preset colours.
+    pub fn source(self) -> SourceKind {
+        match self {
+            Preset::CfmnistFg | Preset::CfmnistBg => SourceKind::FashionMnist,
+            _ => SourceKind::Mnist,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Preset::Seed => "seed",
             Preset::Fairdd => "fairdd",
             Preset::Grey => "grey",
+            Preset::CmnistBg => "cmnist-bg",
+            Preset::CfmnistFg => "cfmnist-fg",
+            Preset::CfmnistBg => "cfmnist-bg",
         }
     }
 }
@@ -95,8 +135,12 @@ impl std::str::FromStr for Preset {
             "seed" => Ok(Preset::Seed),
             "fairdd" => Ok(Preset::Fairdd),
             "grey" => Ok(Preset::Grey),
+            "cmnist-bg" => Ok(Preset::CmnistBg),
+            "cfmnist-fg" => Ok(Preset::CfmnistFg),
+            "cfmnist-bg" => Ok(Preset::CfmnistBg),
             other => Err(format!(
-                "unknown preset {other:?}: use seed, fairdd or grey"
+                "unknown preset {other:?}: use seed, fairdd, grey, cmnist-bg, cfmnist-fg or \
+                 cfmnist-bg"
             )),
         }
     }
@@ -122,6 +166,20 @@ pub struct ColoredMnistConfig {
     pub palette: Palette,
     /// Threshold digits at intensity >= 128 before colouring.
     pub binarise: bool,
+    /// Where the colour goes: on the digit (foreground) or behind it (background).
+    #[serde(default)]
+    pub colouring: Colouring,
+}
+
+/// Where a sample's colour goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Colouring {
+    /// `pixel = intensity / 255 * colour`: the digit in colour on black.
+    #[default]
+    Foreground,
+    /// `pixel = intensity + (1 - intensity / 255) * colour`: the digit's grey on the colour.
+    Background,
 }
 
 impl ColoredMnistConfig {
@@ -137,15 +195,32 @@ impl ColoredMnistConfig {
             valid_size: 5_000,
             palette: LFF_PALETTE,
             binarise: false,
+            colouring: Colouring::Foreground,
+        };
+        let fairdd = Self {
+            train_size: 60_000,
+            valid_size: 0,
+            palette: REBIAS_PALETTE,
+            binarise: true,
+            ..base.clone()
         };
         match preset {
             Preset::Seed => base,
-            Preset::Fairdd => Self {
-                train_size: 60_000,
-                valid_size: 0,
-                palette: REBIAS_PALETTE,
-                binarise: true,
-                ..base
+            Preset::Fairdd => fairdd,
+            Preset::CmnistBg => Self {
+                colouring: Colouring::Background,
+                ..fairdd
+            },
+            Preset::CfmnistFg => Self {
+                source: SourceKind::FashionMnist,
+                binarise: false,
+                ..fairdd
+            },
+            Preset::CfmnistBg => Self {
+                source: SourceKind::FashionMnist,
+                binarise: false,
+                colouring: Colouring::Background,
+                ..fairdd
             },
             Preset::Grey => Self {
                 palette: [[255; 3]; N_COLOURS],
@@ -205,101 +280,58 @@ pub fn rng_for(seed: u64, stream: Stream) -> ChaCha8Rng {
     rng
 }
 
-/// One split of Colored MNIST.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Split {
-    /// `len x 3 x 28 x 28`, channel-major (CHW) per image, 0-255.
-    pub images: Vec<u8>,
-    pub labels: Vec<u8>,
-    /// Colour index of each sample, 0..10.
-    pub colours: Vec<u8>,
-    /// `label * 10 + colour`.
-    pub groups: Vec<u16>,
+/// The group layout of Colored MNIST: 10 digits x 10 colours.
+pub fn spec() -> GroupSpec {
+    GroupSpec::new(N_CLASSES, N_COLOURS).expect("10 x 10")
 }
 
-impl Split {
-    pub fn len(&self) -> usize {
-        self.labels.len()
+/// A split from per-sample parts; the generator's output is consistent by construction.
+fn split_of(images: Vec<u8>, labels: Vec<u8>, colours: Vec<u8>) -> Split {
+    Split::new(
+        SHAPE,
+        spec(),
+        images,
+        labels,
+        colours.into_iter().map(Some).collect(),
+    )
+    .expect("generator output is consistent")
+}
+
+/// What the generator writes into [`DatasetInfo::source`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Provenance {
+    generator: String,
+    config: ColoredMnistConfig,
+    source_sha256: String,
+}
+
+const GENERATOR: &str = "colored-mnist";
+
+impl ColoredMnistConfig {
+    /// The config a dataset was generated with, if the Colored MNIST generator made it (also
+    /// for files of earlier versions).
+    pub fn of_dataset(data: &Dataset) -> Option<Self> {
+        let source = data.info.source.as_deref()?;
+        let value: serde_json::Value = serde_json::from_str(source).ok()?;
+        (value.get("generator")?.as_str()? == GENERATOR)
+            .then(|| serde_json::from_value(value.get("config")?.clone()).ok())
+            .flatten()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-
-    /// The CHW bytes of sample `i`.
-    pub fn image(&self, i: usize) -> &[u8] {
-        &self.images[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
-    }
-
-    /// Whether sample `i` is in its class's bias-aligned colour.
-    pub fn is_aligned(&self, i: usize) -> bool {
-        self.labels[i] == self.colours[i]
-    }
-
-    /// The per-group index of this split (10 classes x 10 colours).
-    pub fn group_index(&self) -> GroupIndex {
-        GroupIndex::from_group_ids(GroupSpec::COLORED_MNIST, &self.groups)
-            .expect("groups are built as label * 10 + colour with both below 10")
-    }
-
-    /// Builds a split from per-sample parts, deriving the groups. Checks lengths and ranges.
-    pub(crate) fn from_parts(
-        images: Vec<u8>,
-        labels: Vec<u8>,
-        colours: Vec<u8>,
-    ) -> Result<Self, String> {
-        if images.len() != labels.len() * IMAGE_BYTES || colours.len() != labels.len() {
-            return Err(format!(
-                "{} labels, {} colours and {} image bytes do not describe the same samples",
-                labels.len(),
-                colours.len(),
-                images.len()
-            ));
-        }
-        let spec = GroupSpec::COLORED_MNIST;
-        let groups = labels
-            .iter()
-            .zip(&colours)
-            .map(|(&l, &c)| {
-                spec.group_id(l.into(), c.into())
-                    .map(|g| g as u16)
-                    .map_err(|e| e.to_string())
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Self {
-            images,
-            labels,
-            colours,
-            groups,
-        })
+    /// The content id of the grey files a dataset was generated from, if recorded.
+    pub fn source_sha256(data: &Dataset) -> Option<String> {
+        let value: serde_json::Value = serde_json::from_str(data.info.source.as_deref()?).ok()?;
+        Some(value.get("source_sha256")?.as_str()?.to_owned())
     }
 }
 
-/// A generated Colored MNIST: three splits and the config that made them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ColoredMnist {
-    pub config: ColoredMnistConfig,
-    /// Content checksum of the grey source ([`GreySource::content_id`]).
-    pub source_sha256: String,
-    pub train: Split,
-    pub valid: Split,
-    pub test: Split,
-}
-
-impl ColoredMnist {
-    /// The split by name: `train`, `valid` or `test`.
-    pub fn split(&self, name: &str) -> Option<&Split> {
-        match name {
-            "train" => Some(&self.train),
-            "valid" => Some(&self.valid),
-            "test" => Some(&self.test),
-            _ => None,
-        }
-    }
+/// Whether sample `i` of a Colored MNIST split is in its class's bias-aligned colour.
+pub fn is_aligned(split: &Split, i: usize) -> bool {
+    split.attributes[i] == Some(split.labels[i])
 }
 
 /// Generates Colored MNIST from a grey source. Same inputs, same bytes.
-pub fn build(source: &GreySource, config: &ColoredMnistConfig) -> Result<ColoredMnist> {
+pub fn build(source: &GreySource, config: &ColoredMnistConfig) -> Result<Dataset> {
     config.check(source.train_images.count)?;
     let mut order: Vec<usize> = (0..source.train_images.count).collect();
     order.shuffle(&mut rng_for(config.seed, Stream::SplitPermutation));
@@ -329,12 +361,25 @@ pub fn build(source: &GreySource, config: &ColoredMnistConfig) -> Result<Colored
     let colourise =
         |images: &IdxImages, idx: &[usize], labels: Vec<u8>, colours: Vec<u8>, stream| {
             let rgb = jittered_colours(&colours, config, &mut rng_for(config.seed, stream));
-            let pixels = colourise_images(images, idx, &rgb, config.binarise);
-            Split::from_parts(pixels, labels, colours).expect("generator output is consistent")
+            let pixels = colourise_images(images, idx, &rgb, config.binarise, config.colouring);
+            split_of(pixels, labels, colours)
         };
-    Ok(ColoredMnist {
+    let provenance = Provenance {
+        generator: GENERATOR.into(),
         config: config.clone(),
         source_sha256: source.content_id(),
+    };
+    let info = DatasetInfo {
+        name: format!("{}-ratio{}", config.preset.name(), config.ratio),
+        shape: SHAPE,
+        classes: source.kind.class_names(),
+        attributes: (0..N_COLOURS).map(|c| format!("colour {c}")).collect(),
+        aligned: (0..N_CLASSES as u8).map(Some).collect(),
+        attribute_colours: Some(config.palette.to_vec()),
+        source: Some(serde_json::to_string(&provenance).expect("provenance serialises")),
+    };
+    let data = Dataset {
+        info,
         train: colourise(
             &source.train_images,
             train_idx,
@@ -356,7 +401,9 @@ pub fn build(source: &GreySource, config: &ColoredMnistConfig) -> Result<Colored
             test_colours,
             Stream::TestJitter,
         ),
-    })
+    };
+    data.validate().expect("generator output is consistent");
+    Ok(data)
 }
 
 /// Number of bias-conflicting samples of a class with `n` samples: `round(ratio * n)`, halves
@@ -406,12 +453,14 @@ fn jittered_colours(
         .collect()
 }
 
-/// Foreground colouring: channel `ch` of pixel `p` is `round(intensity(p) * rgb[ch])`.
+/// Colouring: channel `ch` of pixel `p` is `round(intensity(p) * rgb[ch])` in the foreground,
+/// `round(intensity(p) + (255 - intensity(p)) * rgb[ch])` in the background.
 fn colourise_images(
     images: &IdxImages,
     idx: &[usize],
     rgb: &[[f32; 3]],
     binarise: bool,
+    colouring: Colouring,
 ) -> Vec<u8> {
     let plane = SIDE * SIDE;
     let mut out = vec![0u8; idx.len() * IMAGE_BYTES];
@@ -426,7 +475,12 @@ fn colourise_images(
                     } else {
                         f32::from(g)
                     };
-                    *d = (intensity * scale).round() as u8;
+                    *d = match colouring {
+                        Colouring::Foreground => (intensity * scale).round() as u8,
+                        Colouring::Background => {
+                            (intensity + (255.0 - intensity) * scale).round() as u8
+                        }
+                    };
                 }
             }
         });
@@ -437,6 +491,10 @@ fn colourise_images(
 mod tests {
     use super::*;
     use crate::source::{Verification, write_synthetic_source};
+
+    fn colour(split: &Split, i: usize) -> u8 {
+        split.attributes[i].expect("every Colored MNIST sample has a colour")
+    }
 
     fn tiny_source(n_train: usize, n_test: usize) -> GreySource {
         let dir = tempfile::tempdir().unwrap();
@@ -463,7 +521,7 @@ mod tests {
                     .collect();
                 let conflicting = members
                     .iter()
-                    .filter(|&&i| !data.train.is_aligned(i))
+                    .filter(|&&i| !is_aligned(&data.train, i))
                     .count();
                 assert_eq!(
                     conflicting,
@@ -483,7 +541,7 @@ mod tests {
         let data = build(&source, &tiny_config(0.9, 5)).unwrap();
         let mut seen = [[false; N_COLOURS]; N_CLASSES];
         for i in 0..data.train.len() {
-            seen[usize::from(data.train.labels[i])][usize::from(data.train.colours[i])] = true;
+            seen[usize::from(data.train.labels[i])][usize::from(colour(&data.train, i))] = true;
         }
         for (class, row) in seen.iter().enumerate() {
             for (colour, &s) in row.iter().enumerate() {
@@ -493,9 +551,9 @@ mod tests {
         let data = build(&source, &tiny_config(0.3, 5)).unwrap();
         let train = &data.train;
         for i in 0..train.len() {
-            assert!(train.colours[i] < 10);
-            if !train.is_aligned(i) {
-                assert_ne!(train.colours[i], train.labels[i]);
+            assert!(colour(train, i) < 10);
+            if !is_aligned(train, i) {
+                assert_ne!(colour(train, i), train.labels[i]);
             }
         }
     }
@@ -513,8 +571,8 @@ mod tests {
             let mut counts = [0usize; N_COLOURS];
             let mut aligned = 0;
             for i in 0..split.len() {
-                counts[usize::from(split.colours[i])] += 1;
-                aligned += usize::from(split.is_aligned(i));
+                counts[usize::from(colour(split, i))] += 1;
+                aligned += usize::from(is_aligned(split, i));
             }
             // 2000 samples: each colour ~200; 4 sigma of a binomial(2000, 0.1) is ~54.
             for (c, &n) in counts.iter().enumerate() {
@@ -523,7 +581,7 @@ mod tests {
             // Aligned fraction ~10 %, nowhere near the train split's 100 %.
             assert!((120..=280).contains(&aligned), "{aligned} aligned of 2000");
         }
-        assert!((0..data.train.len()).all(|i| data.train.is_aligned(i)));
+        assert!((0..data.train.len()).all(|i| is_aligned(&data.train, i)));
     }
 
     #[test]
@@ -538,7 +596,7 @@ mod tests {
             a.train.labels, c.train.labels,
             "the split permutation follows the seed"
         );
-        assert_ne!(a.test.colours, c.test.colours);
+        assert_ne!(a.test.attributes, c.test.attributes);
     }
 
     #[test]
@@ -553,11 +611,11 @@ mod tests {
         let data = build(&source, &config).unwrap();
         // Test sample 0 is unpermuted: grey image 0 of the test set.
         let grey = &source.test_images.pixels[..784];
-        let colour = LFF_PALETTE[usize::from(data.test.colours[0])];
+        let rgb = LFF_PALETTE[usize::from(colour(&data.test, 0))];
         let img = data.test.image(0);
         for p in 0..784 {
             for ch in 0..3 {
-                let expected = (f32::from(grey[p]) * (f32::from(colour[ch]) / 255.0)).round() as u8;
+                let expected = (f32::from(grey[p]) * (f32::from(rgb[ch]) / 255.0)).round() as u8;
                 assert_eq!(img[ch * 784 + p], expected, "pixel {p} channel {ch}");
             }
             if grey[p] == 0 {
@@ -576,9 +634,9 @@ mod tests {
             ..ColoredMnistConfig::new(Preset::Fairdd, 0.1, 1)
         };
         let data = build(&source, &fair).unwrap();
-        let colour = REBIAS_PALETTE[usize::from(data.test.colours[0])];
+        let rgb = REBIAS_PALETTE[usize::from(colour(&data.test, 0))];
         for (p, &g) in grey.iter().enumerate() {
-            let expected = if g >= 128 { colour } else { [0, 0, 0] };
+            let expected = if g >= 128 { rgb } else { [0, 0, 0] };
             let got = [
                 data.test.image(0)[p],
                 data.test.image(0)[784 + p],
@@ -659,11 +717,62 @@ mod tests {
         let data = build(&source, &tiny_config(0.2, 2)).unwrap();
         for i in 0..data.train.len() {
             assert_eq!(
-                data.train.groups[i],
-                u16::from(data.train.labels[i]) * 10 + u16::from(data.train.colours[i])
+                data.train.group_of(i),
+                Some(u16::from(data.train.labels[i]) * 10 + u16::from(colour(&data.train, i)))
             );
         }
         let index = data.train.group_index();
         assert_eq!(index.len(), data.train.len());
+        assert_eq!(
+            ColoredMnistConfig::of_dataset(&data),
+            Some(tiny_config(0.2, 2))
+        );
+        assert_eq!(
+            ColoredMnistConfig::source_sha256(&data),
+            Some(source.content_id())
+        );
+        assert_eq!(data.info.aligned[3], Some(3));
+    }
+
+    #[test]
+    fn background_colouring_is_hand_checked() {
+        let source = tiny_source(80, 10);
+        let grey = &source.test_images.pixels[..784];
+        for preset in [Preset::CmnistBg, Preset::CfmnistBg] {
+            let config = ColoredMnistConfig {
+                source: SourceKind::Mnist, // the synthetic files stand in for Fashion-MNIST
+                train_size: 50,
+                jitter_std: 0.0,
+                ..ColoredMnistConfig::new(preset, 0.1, 1)
+            };
+            let data = build(&source, &config).unwrap();
+            let rgb = REBIAS_PALETTE[usize::from(colour(&data.test, 0))];
+            let img = data.test.image(0);
+            for (p, &g) in grey.iter().enumerate() {
+                let g = if config.binarise {
+                    if g >= 128 { 255.0 } else { 0.0 }
+                } else {
+                    f32::from(g)
+                };
+                for ch in 0..3 {
+                    let expected = (g + (255.0 - g) * f32::from(rgb[ch]) / 255.0).round() as u8;
+                    assert_eq!(
+                        img[ch * 784 + p],
+                        expected,
+                        "{preset:?} pixel {p} channel {ch}"
+                    );
+                }
+            }
+        }
+        assert!(ColoredMnistConfig::new(Preset::CmnistBg, 0.1, 0).binarise);
+        assert_eq!(Preset::CfmnistFg.source(), SourceKind::FashionMnist);
+        let fg = ColoredMnistConfig::new(Preset::CfmnistFg, 0.1, 0);
+        assert_eq!(
+            (fg.colouring, fg.binarise, fg.train_size),
+            (Colouring::Foreground, false, 60_000)
+        );
+        for preset in Preset::ALL {
+            assert_eq!(preset.name().parse::<Preset>(), Ok(preset));
+        }
     }
 }

@@ -101,10 +101,12 @@ pub enum CmnistError {
         valid: usize,
         available: usize,
     },
-    #[error("{path}: not a Colored MNIST file: {problem}")]
-    BadDatasetFile { path: PathBuf, problem: String },
+    #[error("{path}: {problem}")]
+    BadArchive { path: PathBuf, problem: String },
     #[error("cannot write {path}: {problem}")]
     Write { path: PathBuf, problem: String },
+    #[error(transparent)]
+    Data(#[from] debiasdd_data::DataError),
 }
 
 pub type Result<T, E = CmnistError> = std::result::Result<T, E>;

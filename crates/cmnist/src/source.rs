@@ -24,6 +24,28 @@ pub enum SourceKind {
     FashionMnist,
 }
 
+impl SourceKind {
+    /// The names of its 10 classes, in label order.
+    pub fn class_names(self) -> Vec<String> {
+        let names: [&str; 10] = match self {
+            SourceKind::Mnist => ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+            SourceKind::FashionMnist => [
+                "T-shirt/top",
+                "Trouser",
+                "Pullover",
+                "Dress",
+                "Coat",
+                "Sandal",
+                "Shirt",
+                "Sneaker",
+                "Bag",
+                "Ankle boot",
+            ],
+        };
+        names.map(String::from).to_vec()
+    }
+}
+
 /// One of the four files of a source, with its expected content checksum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SourceFile {

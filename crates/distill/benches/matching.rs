@@ -23,10 +23,11 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
-use debiasdd_cmnist::colored::Split;
+use debiasdd_data::{ImageShape, Split};
 use debiasdd_distill::{
     Distance, DistillConfig, Distiller, MatchMode, MatchingTarget, MethodKind, Preset,
 };
+use debiasdd_groups::GroupSpec;
 use debiasdd_model::backend::{Route, Segments};
 use debiasdd_model::{ConvNetConfig, ModelConfig, Network};
 use rand::{Rng, SeedableRng};
@@ -39,14 +40,13 @@ const IMAGE: usize = 3 * 28 * 28;
 
 fn biased_split(n: usize, ratio: f64) -> Split {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut split = Split {
-        images: (0..n * IMAGE)
-            .map(|_| rng.random_range(0..=255u8))
-            .collect(),
-        labels: Vec::with_capacity(n),
-        colours: Vec::with_capacity(n),
-        groups: Vec::with_capacity(n),
-    };
+    let mut split = Split::empty(
+        ImageShape::new(3, 28, 28).unwrap(),
+        GroupSpec::new(10, 10).unwrap(),
+    );
+    split.images = (0..n * IMAGE)
+        .map(|_| rng.random_range(0..=255u8))
+        .collect();
     for i in 0..n {
         let class = (i % 10) as u8;
         let colour = if rng.random_bool(ratio) {
@@ -55,8 +55,7 @@ fn biased_split(n: usize, ratio: f64) -> Split {
             class
         };
         split.labels.push(class);
-        split.colours.push(colour);
-        split.groups.push(u16::from(class) * 10 + u16::from(colour));
+        split.attributes.push(Some(colour));
     }
     split
 }

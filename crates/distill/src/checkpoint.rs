@@ -60,8 +60,8 @@ impl<M: Matcher> Distiller<M> {
             ("iteration".to_owned(), self.iteration.to_string()),
             ("config".to_owned(), self.identity()),
         ]);
-        let bytes = debiasdd_cmnist::io::serialize_sorted(views, metadata).map_err(write_err)?;
-        debiasdd_cmnist::io::write_atomically(path, &bytes).map_err(|e| write_err(e.to_string()))
+        let bytes = debiasdd_data::serialize_sorted(views, metadata).map_err(write_err)?;
+        debiasdd_data::write_atomically(path, &bytes).map_err(|e| write_err(e.to_string()))
     }
 
     /// Restores images, momentum and iteration from a checkpoint written by a run with the same

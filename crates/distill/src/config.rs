@@ -5,6 +5,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use debiasdd_augment::DsaConfig;
+use debiasdd_data::ImageShape;
+use debiasdd_groups::GroupSpec;
 use debiasdd_model::ConvNetConfig;
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +124,30 @@ impl Settings {
         self.ipc * self.model.n_classes
     }
 
+    /// The settings for a train split of `shape` and group layout `spec`: the network's input
+    /// and output sizes come from the data (the config's are replaced), and group mode needs
+    /// `ipc` to be a multiple of the attribute count.
+    pub fn for_data(mut self, shape: ImageShape, spec: GroupSpec) -> Result<Self, DistillError> {
+        let side = shape
+            .square_side()
+            .map_err(|e| invalid("model.image_size", e.to_string()))?;
+        self.model.in_channels = shape.channels;
+        self.model.image_size = side;
+        self.model.n_classes = spec.n_classes();
+        let n_attributes = spec.n_attributes();
+        if self.mode == MatchMode::Group && self.ipc % n_attributes != 0 {
+            return Err(invalid(
+                "ipc",
+                format!(
+                    "group mode gives every (class, attribute) group the same number of images, so ipc must be a multiple of {n_attributes} (the attribute count), got {}; use --mode class-vs-groups for other ipc",
+                    self.ipc
+                ),
+            ));
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
     /// Checks every shared setting; the error names the field and the fix.
     pub fn validate(&self) -> Result<(), DistillError> {
         for (field, value) in [
@@ -145,23 +171,6 @@ impl Settings {
             return Err(invalid(
                 "momentum_img",
                 format!("must be below 1, got {}", self.momentum_img),
-            ));
-        }
-        let spec = debiasdd_groups::GroupSpec::COLORED_MNIST;
-        if self.model.n_classes != spec.n_classes() {
-            return Err(invalid(
-                "model.n_classes",
-                format!("must be {} for Colored MNIST", spec.n_classes()),
-            ));
-        }
-        let n_attributes = spec.n_attributes();
-        if self.mode == MatchMode::Group && self.ipc % n_attributes != 0 {
-            return Err(invalid(
-                "ipc",
-                format!(
-                    "group mode gives every (class, colour) group the same number of images, so ipc must be a multiple of {n_attributes}, got {}; use --mode class-vs-groups for other ipc",
-                    self.ipc
-                ),
             ));
         }
         if let Some(dsa) = &self.dsa {
@@ -230,7 +239,25 @@ mod tests {
             c.validate().unwrap_err().to_string()
         };
         assert!(err(&|s| s.ipc = 0).contains("ipc"));
-        assert!(err(&|s| s.ipc = 5).contains("multiple of 10"));
+        let shape = ImageShape::new(3, 28, 28).unwrap();
+        let for_data = |ipc: usize, spec: GroupSpec| {
+            let mut s = base.settings.clone();
+            s.ipc = ipc;
+            s.for_data(shape, spec)
+        };
+        let err5 = for_data(5, GroupSpec::new(10, 10).unwrap()).unwrap_err();
+        assert!(
+            err5.to_string()
+                .contains("multiple of 10 (the attribute count)"),
+            "{err5}"
+        );
+        let two = for_data(4, GroupSpec::new(7, 2).unwrap()).unwrap();
+        assert_eq!((two.model.n_classes, two.model.image_size), (7, 28));
+        let wide = base.settings.clone().for_data(
+            ImageShape::new(1, 28, 32).unwrap(),
+            GroupSpec::new(10, 1).unwrap(),
+        );
+        assert!(wide.unwrap_err().to_string().contains("square"));
         assert!(err(&|s| s.lr_img = f64::NAN).contains("lr_img"));
         assert!(err(&|s| s.momentum_img = 1.0).contains("below 1"));
         assert!(err(&|s| s.model.pooling = debiasdd_model::Pooling::Max).contains("pooling"));

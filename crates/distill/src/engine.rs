@@ -17,8 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use debiasdd_augment::{Transform, augment};
-use debiasdd_cmnist::colored::Split;
-use debiasdd_eval::data::{ImageSet, Normalization, SyntheticSet};
+use debiasdd_data::{ImageSet, ImageShape, Normalization, Split, SyntheticSet};
 use debiasdd_model::backend::{ConvPath, Route};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,8 +27,6 @@ use crate::error::DistillError;
 use crate::matcher::{Matcher, Problem};
 use crate::strata::{MatchingPlan, RealBatch};
 
-const SIDE: usize = 28;
-const CHANNELS: usize = 3;
 /// First stream of the Siamese augmentation draws (iteration `i` uses `DSA_STREAM + i + 1`).
 const DSA_STREAM: u64 = 1 << 63;
 
@@ -95,6 +92,9 @@ pub struct Distiller<M: Matcher = Box<dyn Matcher>> {
     /// The train split, normalised, on the run's device.
     real_images: Tensor,
     norm: Normalization,
+    /// The train split's image shape and group layout, which the synthetic set shares.
+    shape: ImageShape,
+    spec: debiasdd_groups::GroupSpec,
     pub(crate) synthetic: Var,
     pub(crate) momentum: Tensor,
     pub(crate) iteration: usize,
@@ -128,12 +128,23 @@ impl<M: Matcher> Distiller<M> {
         device: &Device,
         dtype: DType,
     ) -> Result<Self, DistillError> {
-        settings.validate()?;
-        if train.labels.len() != train.len() || train.groups.len() != train.len() {
+        let settings = settings.for_data(train.shape, train.spec)?;
+        if train.labels.len() != train.len() || train.attributes.len() != train.len() {
             return Err(DistillError::InconsistentSplit {
                 n: train.len(),
                 n_labels: train.labels.len(),
-                n_groups: train.groups.len(),
+                n_groups: train.attributes.len(),
+            });
+        }
+        let unknown = train.attributes.iter().filter(|a| a.is_none()).count();
+        if settings.mode != crate::MatchMode::Class && unknown > 0 {
+            return Err(DistillError::InvalidConfig {
+                field: "mode",
+                problem: format!(
+                    "{} needs every training image's group, but {unknown} of {} have no attribute; use --mode class, or give the data an attribute column",
+                    settings.mode,
+                    train.len()
+                ),
             });
         }
         let index = train.group_index();
@@ -158,6 +169,8 @@ impl<M: Matcher> Distiller<M> {
             plan,
             real_images,
             norm,
+            shape: train.shape,
+            spec: train.spec,
             synthetic: Var::from_tensor(&synthetic)?,
             momentum,
             iteration: 0,
@@ -224,7 +237,7 @@ impl<M: Matcher> Distiller<M> {
         self.plan.n_terms()
     }
 
-    /// The synthetic images in normalised space (N, 3, 28, 28).
+    /// The synthetic images in normalised space (N, C, H, W).
     pub fn images(&self) -> &Tensor {
         self.synthetic.as_tensor()
     }
@@ -251,8 +264,9 @@ impl<M: Matcher> Distiller<M> {
     /// The current synthetic set in pixel space, with labels, groups, normalisation and the
     /// run's config, ready to save.
     pub fn synthetic_set(&self) -> Result<SyntheticSet, DistillError> {
-        let mean = Tensor::new(&self.norm.mean, &Device::Cpu)?.reshape((1, 3, 1, 1))?;
-        let std = Tensor::new(&self.norm.std, &Device::Cpu)?.reshape((1, 3, 1, 1))?;
+        let c = self.shape.channels;
+        let mean = Tensor::new(self.norm.mean.as_slice(), &Device::Cpu)?.reshape((1, c, 1, 1))?;
+        let std = Tensor::new(self.norm.std.as_slice(), &Device::Cpu)?.reshape((1, c, 1, 1))?;
         let pixels = self
             .synthetic
             .as_tensor()
@@ -267,11 +281,13 @@ impl<M: Matcher> Distiller<M> {
         });
         Ok(SyntheticSet {
             set: ImageSet {
+                shape: self.shape,
+                spec: self.spec,
                 images: pixels.flatten_all()?.to_vec1()?,
                 labels: self.plan.syn_labels().to_vec(),
                 groups: self.plan.syn_groups().to_vec(),
             },
-            norm: self.norm,
+            norm: self.norm.clone(),
             config: Some(config.to_string()),
         })
     }
@@ -396,14 +412,13 @@ fn initial_synthetic(
     let mut rng = rng_for(settings.seed, 0);
     match settings.init {
         Init::Noise => {
-            let values: Vec<f64> = (0..n * CHANNELS * SIDE * SIDE)
+            let (_, c, h, w) = real_images.dims4()?;
+            let values: Vec<f64> = (0..n * c * h * w)
                 .map(|_| rng.sample(rand_distr::StandardNormal))
                 .collect();
-            Ok(
-                Tensor::from_vec(values, (n, CHANNELS, SIDE, SIDE), &Device::Cpu)?
-                    .to_dtype(dtype)?
-                    .to_device(device)?,
-            )
+            Ok(Tensor::from_vec(values, (n, c, h, w), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?)
         }
         Init::Real => {
             // Each image's pool: its group's real images in group mode (its class's when the

@@ -38,7 +38,7 @@ pub enum DistillError {
     #[error("cannot write {path}: {problem}")]
     Write { path: PathBuf, problem: String },
     #[error(transparent)]
-    Data(#[from] debiasdd_eval::data::DataError),
+    Data(#[from] debiasdd_data::DataError),
     #[error(transparent)]
     Model(#[from] debiasdd_model::ModelError),
     #[error(transparent)]

@@ -4,9 +4,11 @@
 //! matched over those terms (DC: gradients, [`dc`]; DM: embeddings, [`dm`]). One loop ([`Distiller`]), one checkpoint format ([`checkpoint`]) and one resumable
 //! driver ([`driver::drive`]) serve every method; [`method`] is the registry that names them.
 //!
-//! Sits above the data layer (`debiasdd-cmnist`, `debiasdd-groups`), the networks and their
-//! backends (`debiasdd-model`) and the synthetic-set format of `debiasdd-eval`; the binary and
-//! `xtask` drive it. [`grid`] draws the synthetic set.
+//! Sits above the data layer (`debiasdd-data`: image sets of any shape and group layout, the
+//! synthetic-set file; `debiasdd-groups`) and the networks and their backends
+//! (`debiasdd-model`), beside the evaluator (neither imports the other); the binary and `xtask`
+//! drive it. The network's input and output sizes come from the train split. [`grid`] draws the
+//! synthetic set.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -15,7 +17,7 @@
 //! use debiasdd_distill::{DistillConfig, Distiller, MatchMode, MethodKind, Preset};
 //! use debiasdd_distill::driver::{RunFiles, drive};
 //!
-//! let data = debiasdd_cmnist::io::load(std::path::Path::new("data/cmnist/seed-ratio0.01-seed0.safetensors"))?;
+//! let data = debiasdd_data::file::load(std::path::Path::new("data/cmnist/seed-ratio0.01-seed0.safetensors"))?;
 //! let config = DistillConfig::preset(MethodKind::Dc, Preset::Quick, MatchMode::Group, 10);
 //! let mut distiller = Distiller::new(config, &data.train, &Device::Cpu, DType::F32)?;
 //! let files = RunFiles {

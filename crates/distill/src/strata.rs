@@ -12,7 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{Device, Tensor};
-use debiasdd_groups::{GroupIndex, GroupSpec};
+use debiasdd_groups::GroupIndex;
 use debiasdd_model::backend::Segments;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -166,7 +166,7 @@ impl MatchingPlan {
         index: &GroupIndex,
         device: &Device,
     ) -> Result<Self, DistillError> {
-        let spec = GroupSpec::COLORED_MNIST;
+        let spec = index.spec();
         let (n_classes, n_attr) = (spec.n_classes(), spec.n_attributes());
         for class in 0..n_classes {
             if index.class_members(class).map_or(true, |m| m.is_empty()) {

@@ -178,16 +178,9 @@ fn dsa_is_siamese_deterministic_and_changes_the_run() {
     // One real image per class, in the class's colour: group mode with real init starts every
     // matched synthetic image as its group's only real image, so a term's real and synthetic
     // means are equal exactly when both sides get the same transform.
-    let mut split = tiny_split(None);
+    let split = tiny_split(None);
     let keep: Vec<usize> = (0..split.labels.len()).step_by(6).collect();
-    let image = common::IMAGE;
-    split.images = keep
-        .iter()
-        .flat_map(|&i| split.images[i * image..(i + 1) * image].to_vec())
-        .collect();
-    split.labels = keep.iter().map(|&i| split.labels[i]).collect();
-    split.colours = keep.iter().map(|&i| split.colours[i]).collect();
-    split.groups = keep.iter().map(|&i| split.groups[i]).collect();
+    let split = split.subset(&keep);
     let mut config = tiny_config(MatchMode::Group);
     config.settings.iterations = 4;
     assert!(config.settings.dsa.is_some(), "DM's preset turns DSA on");

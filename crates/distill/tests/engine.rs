@@ -98,9 +98,10 @@ fn real_init_draws_from_the_image_group_or_class() -> anyhow::Result<()> {
         let j = found.unwrap_or_else(|| panic!("synthetic image {i} is no real image"));
         assert_eq!(split.labels[j], label);
         let group = set.set.groups[i].unwrap();
-        if split.groups.contains(&group) {
+        if split.group_ids().contains(&Some(group)) {
             assert_eq!(
-                split.groups[j], group,
+                split.group_of(j),
+                Some(group),
                 "image {i} should come from its own group"
             );
         }

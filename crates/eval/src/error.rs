@@ -59,7 +59,7 @@ pub enum EvalError {
     #[error(transparent)]
     Model(#[from] debiasdd_model::ModelError),
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(#[from] debiasdd_data::DataError),
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

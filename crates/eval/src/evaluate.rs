@@ -8,14 +8,12 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use debiasdd_cmnist::Split;
-use debiasdd_groups::GroupSpec;
+use debiasdd_data::{Dataset, ImageSet, Normalization};
 use debiasdd_model::{ModelConfig, Network};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ImageSet, Normalization};
 use crate::error::EvalError;
 use crate::metrics::{GroupMetrics, MetricSummary};
 use crate::train::{EpochReport, TrainConfig, predict, train_network};
@@ -75,11 +73,13 @@ pub enum EvalProgress<'a> {
     Scored { run: &'a ModelRun, n_models: usize },
 }
 
-/// Trains `config.n_models` networks on `train` and scores them on `test`.
+/// Trains `config.n_models` networks on `train` and scores them on the test split of `data`
+/// (the network's input and output sizes come from the data: `config.model`'s are replaced).
+/// Every test image needs a known attribute, since the metrics are per group.
 pub fn evaluate(
     train: &ImageSet,
     norm: &Normalization,
-    test: &Split,
+    data: &Dataset,
     config: &EvalConfig,
     device: &Device,
     progress: &mut dyn FnMut(EvalProgress<'_>),
@@ -89,8 +89,37 @@ pub fn evaluate(
             "0 models: evaluate at least 1 (--models K)".into(),
         ));
     }
+    let test = &data.test;
+    if train.shape != test.shape || train.spec != test.spec {
+        return Err(EvalError::InvalidConfig(format!(
+            "the training set is {} images of {} classes x {} attributes, the test split {} of \
+             {} x {}: score a set on the dataset it was made from",
+            train.shape,
+            train.spec.n_classes(),
+            train.spec.n_attributes(),
+            test.shape,
+            test.spec.n_classes(),
+            test.spec.n_attributes()
+        )));
+    }
+    let unknown = test.attributes.iter().filter(|a| a.is_none()).count();
+    if unknown > 0 {
+        return Err(EvalError::InvalidConfig(format!(
+            "{unknown} test images have no attribute; per-group metrics need every test image's \
+             group (give the test split an attribute column)"
+        )));
+    }
+    let side = train.shape.square_side()?;
+    let config = &EvalConfig {
+        model: config
+            .model
+            .for_input(train.shape.channels, side, train.spec.n_classes()),
+        ..config.clone()
+    };
     config.model.validate()?;
     config.train.validate()?;
+    let attributes: Vec<u8> = test.attributes.iter().flatten().copied().collect();
+    let aligned = data.aligned_attributes();
     let test_set = ImageSet::from_split(test);
     let mut runs = Vec::with_capacity(config.n_models);
     for k in 0..config.n_models {
@@ -114,11 +143,12 @@ pub fn evaluate(
         )?;
         let train_seconds = started.elapsed().as_secs_f64();
         let predictions = predict(&net, &test_set, norm)?;
-        let metrics = GroupMetrics::compute(
+        let metrics = GroupMetrics::compute_with_aligned(
             &predictions,
             &test.labels,
-            &test.colours,
-            GroupSpec::COLORED_MNIST,
+            &attributes,
+            test.spec,
+            &aligned,
         )?;
         let run = ModelRun {
             index: k,

@@ -4,8 +4,8 @@
 //! Every accuracy here is a **percentage in 0..=100**, as the DC and FairDD papers report them.
 //!
 //! * `accuracy`: correct / all samples.
-//! * `aligned_accuracy` / `conflicting_accuracy`: over the samples whose attribute equals their
-//!   class (bias-aligned) / differs from it (bias-conflicting).
+//! * `aligned_accuracy` / `conflicting_accuracy`: over the samples whose attribute is their
+//!   class's bias-aligned one (in Colored MNIST: colour == class) / is another.
 //! * `worst_group_accuracy`: the minimum over the (class, attribute) groups that have at least one
 //!   sample; empty groups are skipped, not counted as 0 %.
 //! * `deo_max` / `deo_mean` (FairDD's DEO_M / DEO_A, "difference of equalized odds"): for each
@@ -41,7 +41,8 @@ pub struct GroupMetrics {
     pub n_samples: usize,
     /// Overall accuracy, %.
     pub accuracy: f64,
-    /// Accuracy over bias-aligned samples (attribute == class), %; `None` when there are none.
+    /// Accuracy over bias-aligned samples (the class's aligned attribute), %; `None` when there
+    /// are none.
     pub aligned_accuracy: Option<f64>,
     /// Accuracy over bias-conflicting samples (attribute != class), %; `None` when there are none.
     pub conflicting_accuracy: Option<f64>,
@@ -59,12 +60,32 @@ pub struct GroupMetrics {
 
 impl GroupMetrics {
     /// Scores `predictions` against `labels`, split by the `attributes` (bias labels) of the same
-    /// samples. All three slices are indexed by sample.
+    /// samples, with Colored MNIST's convention that class `k`'s bias-aligned attribute is `k`.
+    /// All three slices are indexed by sample.
     pub fn compute(
         predictions: &[u8],
         labels: &[u8],
         attributes: &[u8],
         spec: GroupSpec,
+    ) -> Result<Self, EvalError> {
+        let identity: Vec<Option<u8>> = (0..spec.n_classes())
+            .map(|k| {
+                u8::try_from(k)
+                    .ok()
+                    .filter(|&k| usize::from(k) < spec.n_attributes())
+            })
+            .collect();
+        Self::compute_with_aligned(predictions, labels, attributes, spec, &identity)
+    }
+
+    /// [`GroupMetrics::compute`] where `aligned[k]` is class `k`'s bias-aligned attribute
+    /// (`None`: the class has none, all its samples count as conflicting).
+    pub fn compute_with_aligned(
+        predictions: &[u8],
+        labels: &[u8],
+        attributes: &[u8],
+        spec: GroupSpec,
+        aligned_attribute: &[Option<u8>],
     ) -> Result<Self, EvalError> {
         if predictions.len() != labels.len() || labels.len() != attributes.len() {
             return Err(EvalError::LengthMismatch {
@@ -112,7 +133,7 @@ impl GroupMetrics {
         for y in 0..n_c {
             for a in 0..n_a {
                 hits += correct[y][a];
-                let bucket = if a == y {
+                let bucket = if aligned_attribute.get(y).copied().flatten() == Some(a as u8) {
                     &mut aligned
                 } else {
                     &mut conflicting

@@ -9,7 +9,7 @@
 //! has the same total weight (`debiasdd_groups::GroupIndex::balanced_weights`).
 
 use candle_core::{D, DType, Device, Tensor};
-use debiasdd_groups::{GroupIndex, GroupSpec};
+use debiasdd_groups::GroupIndex;
 use debiasdd_model::backend::{Route, Segments};
 use debiasdd_model::optim::{Sgd, SgdConfig};
 use debiasdd_model::{ModelConfig, Network};
@@ -21,8 +21,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::augment::Augment;
-use crate::data::{ImageSet, Normalization};
 use crate::error::EvalError;
+use debiasdd_data::{ImageSet, Normalization};
 
 /// How each epoch's samples are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -198,7 +198,8 @@ fn train_network_with(
             for &i in batch {
                 xs.extend_from_slice(&images[i * per_image..(i + 1) * per_image]);
             }
-            let shape = (batch.len(), 3, 28, 28);
+            let [c, h, w] = set.shape.dims();
+            let shape = (batch.len(), c, h, w);
             config.augment.apply(&mut xs, shape, rng.random());
             let xs = Tensor::from_vec(xs, shape, net.device())?.to_dtype(net.dtype())?;
             let ys: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
@@ -260,7 +261,7 @@ fn balanced_sampler(set: &ImageSet) -> Result<WeightedIndex<f64>, EvalError> {
         .iter()
         .map(|g| g.ok_or(EvalError::MissingGroups))
         .collect::<Result<_, _>>()?;
-    let index = GroupIndex::from_group_ids(GroupSpec::COLORED_MNIST, &groups)
+    let index = GroupIndex::from_group_ids(set.spec, &groups)
         .map_err(|e| EvalError::InvalidConfig(e.to_string()))?;
     WeightedIndex::new(index.balanced_weights())
         .map_err(|e| EvalError::InvalidConfig(format!("balanced weights: {e}")))
@@ -293,6 +294,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let n = 12;
         let set = ImageSet {
+            shape: debiasdd_data::ImageShape::new(3, 28, 28).unwrap(),
+            spec: debiasdd_groups::GroupSpec::new(10, 10).unwrap(),
             images: (0..n * 3 * 28 * 28)
                 .map(|_| rng.random_range(0.0..1.0))
                 .collect(),
@@ -300,8 +303,8 @@ mod tests {
             groups: vec![None; n],
         };
         let norm = Normalization {
-            mean: [0.2; 3],
-            std: [0.3; 3],
+            mean: vec![0.2; 3],
+            std: vec![0.3; 3],
         };
         let config = TrainConfig {
             epochs: 2,

@@ -3,17 +3,15 @@
 
 use candle_core::Device;
 use debiasdd_cmnist::source::write_synthetic_source;
-use debiasdd_cmnist::{
-    ColoredMnist, ColoredMnistConfig, GreySource, Preset, SourceKind, Verification,
-};
+use debiasdd_cmnist::{ColoredMnistConfig, GreySource, Preset, SourceKind, Verification};
+use debiasdd_data::{Dataset, ImageSet, Normalization};
 use debiasdd_eval::EvalError;
 use debiasdd_eval::augment::Augment;
-use debiasdd_eval::data::{ImageSet, Normalization};
 use debiasdd_eval::evaluate::{EvalConfig, evaluate};
 use debiasdd_eval::train::{Sampling, TrainConfig};
 use debiasdd_model::{ConvNetConfig, ModelConfig};
 
-fn tiny_cmnist(ratio: f64) -> ColoredMnist {
+fn tiny_cmnist(ratio: f64) -> Dataset {
     let dir = tempfile::tempdir().unwrap();
     write_synthetic_source(dir.path(), 600, 200).unwrap();
     let source = GreySource::load(dir.path(), SourceKind::Mnist, Verification::Skip).unwrap();
@@ -52,7 +50,7 @@ fn a_small_convnet_learns_the_synthetic_digits() -> anyhow::Result<()> {
     let report = evaluate(
         &train,
         &norm,
-        &data.test,
+        &data,
         &small_config(6, Augment::None),
         &Device::Cpu,
         &mut |p| {
@@ -79,26 +77,12 @@ fn same_seed_same_report() -> anyhow::Result<()> {
     let train = ImageSet::from_split(&data.train).subset(&(0..120).collect::<Vec<_>>());
     let norm = Normalization::of_split(&data.train);
     let config = small_config(1, Augment::default());
-    let a = evaluate(
-        &train,
-        &norm,
-        &data.test,
-        &config,
-        &Device::Cpu,
-        &mut |_| {},
-    )?;
-    let b = evaluate(
-        &train,
-        &norm,
-        &data.test,
-        &config,
-        &Device::Cpu,
-        &mut |_| {},
-    )?;
+    let a = evaluate(&train, &norm, &data, &config, &Device::Cpu, &mut |_| {})?;
+    let b = evaluate(&train, &norm, &data, &config, &Device::Cpu, &mut |_| {})?;
     assert_eq!(a.runs[0].metrics, b.runs[0].metrics);
     assert_eq!(a.runs[0].final_train_loss, b.runs[0].final_train_loss);
     let other = EvalConfig { seed: 4, ..config };
-    let c = evaluate(&train, &norm, &data.test, &other, &Device::Cpu, &mut |_| {})?;
+    let c = evaluate(&train, &norm, &data, &other, &Device::Cpu, &mut |_| {})?;
     assert_ne!(a.runs[0].final_train_loss, c.runs[0].final_train_loss);
     Ok(())
 }
@@ -110,15 +94,7 @@ fn divergence_is_an_error_not_a_number() {
     let norm = Normalization::of_split(&data.train);
     let mut config = small_config(3, Augment::None);
     config.train.sgd.lr = 1e12;
-    let err = evaluate(
-        &train,
-        &norm,
-        &data.test,
-        &config,
-        &Device::Cpu,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = evaluate(&train, &norm, &data, &config, &Device::Cpu, &mut |_| {}).unwrap_err();
     assert!(matches!(err, EvalError::NonFiniteLoss { .. }), "{err}");
     assert!(err.to_string().contains("lower the learning rate"));
 }
@@ -130,27 +106,12 @@ fn bad_settings_are_refused_before_training() {
     let norm = Normalization::of_split(&data.train);
     let mut config = small_config(1, Augment::None);
     config.n_models = 0;
-    let err = evaluate(
-        &train,
-        &norm,
-        &data.test,
-        &config,
-        &Device::Cpu,
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let err = evaluate(&train, &norm, &data, &config, &Device::Cpu, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("--models"), "{err}");
     let mut config = small_config(1, Augment::None);
     config.train.batch_size = 0;
     assert!(matches!(
-        evaluate(
-            &train,
-            &norm,
-            &data.test,
-            &config,
-            &Device::Cpu,
-            &mut |_| {}
-        ),
+        evaluate(&train, &norm, &data, &config, &Device::Cpu, &mut |_| {}),
         Err(EvalError::InvalidConfig(_))
     ));
     let mut no_groups = train.subset(&[0, 1, 2]);
@@ -158,14 +119,7 @@ fn bad_settings_are_refused_before_training() {
     let mut config = small_config(1, Augment::None);
     config.train.sampling = Sampling::GroupBalanced;
     assert!(matches!(
-        evaluate(
-            &no_groups,
-            &norm,
-            &data.test,
-            &config,
-            &Device::Cpu,
-            &mut |_| {}
-        ),
+        evaluate(&no_groups, &norm, &data, &config, &Device::Cpu, &mut |_| {}),
         Err(EvalError::MissingGroups)
     ));
 }

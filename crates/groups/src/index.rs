@@ -80,6 +80,33 @@ impl GroupIndex {
         Ok(Self { spec, members })
     }
 
+    /// Builds the index from per-sample group ids where some are unknown (`None`): those samples
+    /// belong to no group and are left out, while the others keep their sample index.
+    pub fn from_optional_group_ids<G>(
+        spec: GroupSpec,
+        groups: &[Option<G>],
+    ) -> Result<Self, GroupError>
+    where
+        G: Copy + Into<usize>,
+    {
+        let mut members = vec![Vec::new(); spec.n_groups()];
+        for (index, group) in groups.iter().enumerate() {
+            let Some(group) = group.map(Into::into) else {
+                continue;
+            };
+            if group >= spec.n_groups() {
+                return Err(GroupError::SampleOutOfRange {
+                    index,
+                    what: "group",
+                    value: group,
+                    limit: spec.n_groups(),
+                });
+            }
+            members[group].push(index);
+        }
+        Ok(Self { spec, members })
+    }
+
     pub fn spec(&self) -> GroupSpec {
         self.spec
     }

@@ -119,8 +119,9 @@ named_enum!(Pooling, "pooling", [
 ]);
 
 /// DC's ConvNet: `depth` blocks of [conv 3x3 -> norm -> activation -> pooling], then flatten and
-/// one linear layer. The first conv of a 28x28 input uses padding 3 (28 -> 32, whatever the
-/// channel count) and every other conv padding 1, so the defaults give feature maps of
+/// one linear layer. The first conv pads the input up to the next power of two when that takes
+/// at most 3 pixels a side (28 -> 32 whatever the channel count, as DC pads MNIST; 30 -> 32;
+/// 32 or 64 keep padding 1) and every other conv pads by 1, so the defaults give feature maps of
 /// 32/16/8/4 and a 128*4*4 = 2048 -> 10 classifier. The shape rules (`block_padding`,
 /// `block_sizes`, `feature_dim`, ...) and `validate` are in [`crate::convnet`], with the layout
 /// every pass reads.
@@ -196,7 +197,7 @@ impl MlpConfig {
     }
 }
 
-/// DC's LeNet-5: conv(c, 6, 5, padding 2 for 28x28 input, else 0), ReLU, max-pool 2, conv(6, 16,
+/// DC's LeNet-5: conv(c, 6, 5, padding 2 where that makes the input a power of two, else 0), ReLU, max-pool 2, conv(6, 16,
 /// 5), ReLU, max-pool 2, then fc 16*5*5 -> 120, ReLU, 120 -> 84, ReLU, 84 -> classes. (DC pads
 /// only 1-channel input and so breaks on 3-channel 28x28; this pads any 28x28 input.) Sizes
 /// other than 28 and 32 get a classifier input of 16*s*s for the resulting side s.
@@ -219,9 +220,14 @@ impl Default for LeNetConfig {
 }
 
 impl LeNetConfig {
-    /// Padding of the first conv: 2 for 28x28 input, else 0.
+    /// Padding of the first conv: 2 when that makes the input a power of two (28 -> 32, as DC
+    /// pads MNIST), else 0 (CIFAR's 32 goes in as it is).
     pub fn first_padding(&self) -> usize {
-        if self.image_size == 28 { 2 } else { 0 }
+        if (self.image_size + 4).is_power_of_two() {
+            2
+        } else {
+            0
+        }
     }
 
     /// Side of the feature map entering the classifier, `None` if the image is too small.
@@ -338,5 +344,23 @@ impl ModelConfig {
             Self::Mlp(c) => c.n_classes,
             Self::LeNet(c) => c.n_classes,
         }
+    }
+
+    /// The same network for inputs of `in_channels` x `image_size` x `image_size` and
+    /// `n_classes` outputs: the data, not the config, decides the input and output sizes.
+    pub fn for_input(&self, in_channels: usize, image_size: usize, n_classes: usize) -> Self {
+        let mut config = self.clone();
+        match &mut config {
+            Self::ConvNet(c) => {
+                (c.in_channels, c.image_size, c.n_classes) = (in_channels, image_size, n_classes)
+            }
+            Self::Mlp(c) => {
+                (c.in_channels, c.image_size, c.n_classes) = (in_channels, image_size, n_classes)
+            }
+            Self::LeNet(c) => {
+                (c.in_channels, c.image_size, c.n_classes) = (in_channels, image_size, n_classes)
+            }
+        }
+        config
     }
 }

@@ -5,8 +5,8 @@
 //!
 //! Every pass over the ConvNet — candle's autograd through [`crate::Network`], the candle-op
 //! backward pass, the native CPU kernels, the fused CUDA path — reads its sizes and parameter
-//! positions from here, so a rule such as "the first conv of a 28x28 input pads by 3" is written
-//! once ([`ConvNetConfig::block_padding`]).
+//! positions from here, so a rule such as "the first conv pads a 28x28 input to 32x32" is
+//! written once ([`ConvNetConfig::block_padding`]).
 
 use candle_core::{Result, Tensor};
 
@@ -28,11 +28,18 @@ pub fn pooled_side(side: usize, pooling: Pooling) -> usize {
 
 /// The shape rules of DC's ConvNet, defined here beside the layout that uses them.
 impl ConvNetConfig {
-    /// Padding of block `d`'s conv: 3 for the first block of a 28x28 input (so that it becomes
-    /// 32x32), 1 everywhere else. The only place this rule is written.
+    /// Padding of block `d`'s conv. Block 0 pads its input up to the next power of two when
+    /// that takes at most 3 pixels a side (a 3x3 conv loses 2, so padding `p` maps side `s` to
+    /// `s + 2p - 2`): 28 -> 32 as DC pads MNIST, 30 -> 32, 14 -> 16; every other block, and a
+    /// first block whose input is a power of two (CIFAR's 32, 64) or too far from one, pads by
+    /// 1 and keeps the side. The only place this rule is written.
     pub fn block_padding(&self, d: usize) -> usize {
-        if d == 0 && self.image_size == 28 {
-            3
+        if d > 0 {
+            return 1;
+        }
+        let grow = self.image_size.next_power_of_two() - self.image_size;
+        if grow % 2 == 0 && grow <= 4 {
+            grow / 2 + 1
         } else {
             1
         }
@@ -353,6 +360,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn first_block_pads_up_to_the_next_power_of_two_when_close() {
+        for (side, padding, first) in [
+            (28, 3, 32),
+            (30, 2, 32),
+            (32, 1, 32),
+            (14, 2, 16),
+            (64, 1, 64),
+            (24, 1, 24),
+            (96, 1, 96),
+        ] {
+            let config = ConvNetConfig {
+                image_size: side,
+                ..ConvNetConfig::default()
+            };
+            assert_eq!(config.first_padding(), padding, "side {side}");
+            assert_eq!(conv_output_side(side, padding), first, "side {side}");
+            assert_eq!(config.block_padding(1), 1);
+        }
+    }
+
+    #[test]
     fn layout_of_the_default_convnet() {
         let config = ConvNetConfig::default();
         let layout = ConvNetLayout::new(&config);
@@ -376,7 +404,7 @@ mod tests {
         assert_eq!(layout.n_params(), 8);
         assert_eq!(layout.blocks[1].params.conv_bias, 3);
         assert_eq!(layout.feature_side, flat.output_size());
-        assert_eq!(flat.block_sizes(), [12, 12, 12]);
+        assert_eq!(flat.block_sizes(), [16, 16, 16], "12 is padded up to 16");
     }
 
     #[test]

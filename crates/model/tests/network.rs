@@ -495,11 +495,11 @@ fn invalid_configs_are_refused() {
         .contains("mlp: `hidden`")
     );
     let message = err(LeNetConfig {
-        image_size: 12,
+        image_size: 8,
         ..LeNetConfig::default()
     });
     assert!(
-        message.contains("lenet: 12x12 input is too small"),
+        message.contains("lenet: 8x8 input is too small"),
         "{message}"
     );
     assert!(

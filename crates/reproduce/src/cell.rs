@@ -1,10 +1,9 @@
 //! The cells of the grid: one method at one (ratio, seed), each producing one evaluation, and
 //! the recipe of each (the settings its result depends on).
 
-use debiasdd_eval::data::Stratify;
+use debiasdd_data::Stratify;
 use debiasdd_eval::evaluate::EvalConfig;
 use debiasdd_eval::train::Sampling;
-use debiasdd_groups::GroupSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Distilled, ReproduceConfig};
@@ -151,7 +150,7 @@ pub fn settings(config: &ReproduceConfig, cell: &Cell) -> serde_json::Value {
 pub fn floor_size(config: &ReproduceConfig, stratify: Stratify) -> usize {
     match stratify {
         Stratify::Class => config.distill.ipc,
-        Stratify::Group => (config.distill.ipc / GroupSpec::COLORED_MNIST.n_attributes()).max(1),
+        Stratify::Group => (config.distill.ipc / debiasdd_cmnist::colored::N_COLOURS).max(1),
     }
 }
 

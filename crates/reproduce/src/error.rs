@@ -36,7 +36,7 @@ pub enum ReproduceError {
     #[error(transparent)]
     Eval(Box<debiasdd_eval::EvalError>),
     #[error(transparent)]
-    Data(Box<debiasdd_eval::data::DataError>),
+    Data(Box<debiasdd_data::DataError>),
 }
 
 macro_rules! boxed_from {
@@ -53,7 +53,7 @@ boxed_from!(
     Cmnist(debiasdd_cmnist::CmnistError),
     Distill(debiasdd_distill::DistillError),
     Eval(debiasdd_eval::EvalError),
-    Data(debiasdd_eval::data::DataError)
+    Data(debiasdd_data::DataError)
 );
 
 impl ReproduceError {

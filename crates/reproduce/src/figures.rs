@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use debiasdd_eval::data::SyntheticSet;
+use debiasdd_data::SyntheticSet;
 use image::{Rgb, RgbImage};
 use plotters::prelude::*;
 

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use debiasdd_cmnist::{ColoredMnist, GreySource};
+use debiasdd_cmnist::{ColoredMnistConfig, GreySource};
+use debiasdd_data::{Dataset, ImageSet, Normalization, SyntheticSet, random_real_subset};
 use debiasdd_distill::{Distiller, RunFiles, RunOutcome, drive};
-use debiasdd_eval::data::{ImageSet, Normalization, SyntheticSet, random_real_subset};
 use debiasdd_eval::evaluate::{EvalProgress, evaluate};
 use rand::SeedableRng;
 
@@ -78,17 +78,20 @@ fn dataset(
     source: &dyn Fn() -> Result<GreySource, ReproduceError>,
     paths: &Paths,
     observer: &mut dyn FnMut(Event<'_>),
-) -> Result<ColoredMnist, ReproduceError> {
+) -> Result<Dataset, ReproduceError> {
     let wanted = config.cmnist_config(ratio, seed);
     let path = paths.datasets.join(wanted.file_name());
     if path.exists() {
-        let data = debiasdd_cmnist::io::load(&path)?;
-        if data.config != wanted {
+        let data = debiasdd_data::file::load(&path)?;
+        let found = ColoredMnistConfig::of_dataset(&data);
+        if found.as_ref() != Some(&wanted) {
             return Err(ReproduceError::StaleDataset {
                 path,
                 problem: format!(
                     "its config is {}",
-                    serde_json::to_string(&data.config).unwrap_or_default()
+                    found
+                        .map(|c| serde_json::to_string(&c).unwrap_or_default())
+                        .unwrap_or_else(|| "not a Colored MNIST config".into())
                 ),
             });
         }
@@ -100,10 +103,10 @@ fn dataset(
         return Ok(data);
     }
     let data = debiasdd_cmnist::build(&source()?, &wanted)?;
-    debiasdd_cmnist::io::save(&data, &path)?;
-    debiasdd_cmnist::preview::write_preview(
+    debiasdd_data::file::save(&data, &path)?;
+    debiasdd_data::preview::write_preview(
         &data.train,
-        &wanted.palette,
+        data.info.attribute_colours.as_deref(),
         &path.with_extension("png"),
     )?;
     observer(Event::Dataset {
@@ -145,7 +148,7 @@ pub fn run(
             .sum(),
     });
     report::write(config, paths)?;
-    let mut data: Option<(f64, u64, ColoredMnist)> = None;
+    let mut data: Option<(f64, u64, Dataset)> = None;
     for (index, cell) in cells.iter().enumerate() {
         if done[index] {
             continue;
@@ -196,7 +199,7 @@ pub fn run(
 struct CellRun<'a> {
     config: &'a ReproduceConfig,
     cell: &'a Cell,
-    data: &'a ColoredMnist,
+    data: &'a Dataset,
     dir: PathBuf,
     device: &'a Device,
     stop: &'a AtomicBool,
@@ -206,7 +209,7 @@ struct CellRun<'a> {
 fn run_cell(
     config: &ReproduceConfig,
     cell: &Cell,
-    data: &ColoredMnist,
+    data: &Dataset,
     paths: &Paths,
     device: &Device,
     stop: &AtomicBool,
@@ -249,7 +252,7 @@ fn run_cell(
             )?;
             let synthetic = SyntheticSet {
                 set,
-                norm,
+                norm: norm.clone(),
                 config: Some(settings(config, cell)["train_set"].to_string()),
             };
             synthetic.save(&run.dir.join("subset.safetensors"))?;
@@ -261,7 +264,7 @@ fn run_cell(
     let eval = eval_config(config, cell);
     let eval_started = Instant::now();
     let epochs = eval.train.epochs + 1;
-    let report = evaluate(&train, &norm, &data.test, &eval, device, &mut |p| {
+    let report = evaluate(&train, &norm, data, &eval, device, &mut |p| {
         if let EvalProgress::Epoch {
             model,
             n_models,
@@ -285,7 +288,7 @@ fn run_cell(
     debiasdd_eval::heatmap::write_group_heatmap(
         &report.summary.group_accuracy_mean,
         &run.dir.join("heat.png"),
-        Some(&data.config.palette),
+        data.info.attribute_colours.as_deref(),
     )?;
     Ok(Some(CellResult {
         id: cell.id(),

@@ -93,5 +93,5 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ReproduceE
 
 /// `bytes` into `path` through a sibling temporary file, creating the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReproduceError> {
-    debiasdd_cmnist::io::write_atomically(path, bytes).map_err(|e| ReproduceError::write(path, e))
+    debiasdd_data::write_atomically(path, bytes).map_err(|e| ReproduceError::write(path, e))
 }

@@ -176,7 +176,7 @@ impl Dc {
     /// A distiller running DC as `config` says (which must be a DC config).
     pub fn distiller(
         config: DistillConfig,
-        train: &debiasdd_cmnist::colored::Split,
+        train: &debiasdd_data::Split,
         device: &candle_core::Device,
         dtype: DType,
     ) -> Result<Distiller<Dc>, DistillError> {
