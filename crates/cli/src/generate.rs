@@ -1,4 +1,5 @@
-//! `debiasdd generate`: grey MNIST folder -> Colored MNIST safetensors (+ preview PNG).
+//! `debiasdd generate`: a benchmark dataset file (+ preview PNG): Colored MNIST / Fashion-MNIST
+//! from a grey IDX folder, or CIFAR10-S from the CIFAR-10 binary archive.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,7 +9,8 @@ use clap::Args;
 
 use debiasdd_cmnist::colored::N_COLOURS;
 use debiasdd_cmnist::{
-    ColoredMnistConfig, GreySource, Preset, SourceKind, Verification, is_aligned,
+    Cifar10sConfig, CifarArchive, ColoredMnistConfig, GreySource, Preset, SourceKind, Verification,
+    build_cifar10s, is_aligned,
 };
 use debiasdd_data::Split;
 
@@ -31,8 +33,14 @@ pub struct GenerateArgs {
     /// train, ReBias palette, binarised digits); grey: plain MNIST in 3 channels (no bias, a
     /// control); cmnist-bg: FairDD's C-MNIST BG (the colour behind a white digit); cfmnist-fg /
     /// cfmnist-bg: FairDD's Colored Fashion-MNIST, colour on / behind the item.
+    /// cifar10s: CIFAR10-S (Wang et al.; FairDD's split) from --cifar.
     #[arg(long, default_value = "seed")]
-    preset: Preset,
+    preset: Benchmark,
+    /// CIFAR-10 binary archive (cifar-10-binary.tar.gz) or the folder it unpacks to, for
+    /// `--preset cifar10s` [default: data/cifar10, where `cargo xtask download --dataset
+    /// cifar10` puts it].
+    #[arg(long, value_name = "PATH")]
+    cifar: Option<PathBuf>,
     /// Output file (.safetensors).
     #[arg(long)]
     out: PathBuf,
@@ -53,9 +61,29 @@ pub struct GenerateArgs {
     skip_checksum: bool,
 }
 
+/// A `--preset`: one of the Colored (Fashion-)MNIST generator's, or CIFAR10-S.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Benchmark {
+    Colored(Preset),
+    Cifar10s,
+}
+
+impl std::str::FromStr for Benchmark {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cifar10s" => Ok(Self::Cifar10s),
+            other => other
+                .parse()
+                .map(Self::Colored)
+                .map_err(|e: String| format!("{e}, or cifar10s")),
+        }
+    }
+}
+
 impl GenerateArgs {
-    fn config(&self) -> ColoredMnistConfig {
-        let base = ColoredMnistConfig::new(self.preset, self.ratio, self.seed);
+    fn config(&self, preset: Preset) -> ColoredMnistConfig {
+        let base = ColoredMnistConfig::new(preset, self.ratio, self.seed);
         ColoredMnistConfig {
             source: self.dataset.unwrap_or(base.source),
             train_size: self.train_size.unwrap_or(base.train_size),
@@ -67,7 +95,11 @@ impl GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let config = args.config();
+    let preset = match args.preset {
+        Benchmark::Colored(preset) => preset,
+        Benchmark::Cifar10s => return cifar10s(&args),
+    };
+    let config = args.config(preset);
     // Validate the cheap things before reading 50 MB of data.
     config.check(usize::MAX)?;
     let mnist_dir = args
@@ -156,4 +188,51 @@ fn print_train_groups(train: &Split) {
             pairs.join(" ")
         );
     }
+}
+
+/// `--preset cifar10s`: reads the CIFAR-10 archive and writes CIFAR10-S.
+fn cifar10s(args: &GenerateArgs) -> anyhow::Result<()> {
+    let config = Cifar10sConfig {
+        ratio: args.ratio,
+        seed: args.seed,
+    };
+    if !(0.0..=1.0).contains(&config.ratio) {
+        anyhow::bail!(
+            "--ratio {} is outside [0, 1]: it is the share of each class's training images in the minority attribute (0.05 in the paper)",
+            config.ratio
+        );
+    }
+    let path = args.cifar.clone().unwrap_or_else(|| "data/cifar10".into());
+    if !path.exists() {
+        anyhow::bail!(
+            "{} does not exist; pass --cifar with the CIFAR-10 binary archive (cifar-10-binary.tar.gz) or the folder it unpacks to, or fetch it with `cargo xtask download --dataset cifar10`",
+            path.display()
+        );
+    }
+    let started = Instant::now();
+    let archive = CifarArchive::load(&path)?;
+    let data = build_cifar10s(&archive, &config)?;
+    debiasdd_data::file::save(&data, &args.out)?;
+    if let Some(preview) = &args.preview {
+        debiasdd_data::preview::write_preview(
+            &data.train,
+            data.info.attribute_colours.as_deref(),
+            preview,
+        )
+        .context("writing the preview")?;
+    }
+    println!(
+        "wrote {} (CIFAR10-S, ratio {}, seed {}) in {:.2} s: {} train, {} test images of {}",
+        args.out.display(),
+        config.ratio,
+        config.seed,
+        started.elapsed().as_secs_f64(),
+        data.train.len(),
+        data.test.len(),
+        data.shape()
+    );
+    println!();
+    println!("train images per group (rows = class, columns = grey, colour):");
+    print!("{}", data.train.group_index().counts());
+    Ok(())
 }

@@ -209,3 +209,71 @@ fn real_mnist_seed_preset_follows_the_protocol() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn cifar10s_comes_from_the_binary_archive_and_background_presets_colour_the_background()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let archive = dir.path().join("cifar-10-binary.tar.gz");
+    debiasdd_cmnist::cifar::write_synthetic_archive(&archive, 20, 10)?;
+    let out = dir.path().join("c10s.safetensors");
+    let run = debiasdd(&[
+        "generate",
+        "--preset",
+        "cifar10s",
+        "--cifar",
+        s(&archive),
+        "--ratio",
+        "0.1",
+        "--out",
+        s(&out),
+        "--preview",
+        s(&dir.path().join("c10s.png")),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(text(&run.stdout).contains("100 train, 20 test images of 3x32x32"));
+    let data = debiasdd_data::file::load(&out)?;
+    assert_eq!(data.info.attributes, ["grey", "colour"]);
+    assert_eq!(
+        data.train.group_index().counts().get(0),
+        9,
+        "class 0: 9 of 10 grey"
+    );
+    assert!(dir.path().join("c10s.png").is_file());
+
+    let missing = debiasdd(&[
+        "generate",
+        "--preset",
+        "cifar10s",
+        "--cifar",
+        s(&dir.path().join("nowhere")),
+        "--ratio",
+        "0.05",
+        "--out",
+        s(&out),
+    ]);
+    assert_clean_failure(&missing, "cargo xtask download --dataset cifar10");
+
+    let src = synthetic_dir();
+    let bg = dir.path().join("bg.safetensors");
+    let run = debiasdd(&[
+        "generate",
+        "--preset",
+        "cmnist-bg",
+        "--mnist-dir",
+        s(src.path()),
+        "--skip-checksum",
+        "--ratio",
+        "0.1",
+        "--train-size",
+        "300",
+        "--out",
+        s(&bg),
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let data = debiasdd_data::file::load(&bg)?;
+    let config = debiasdd_cmnist::ColoredMnistConfig::of_dataset(&data).expect("provenance");
+    assert_eq!(config.colouring, debiasdd_cmnist::Colouring::Background);
+    assert_eq!(data.info.name, "cmnist-bg-ratio0.1");
+    Ok(())
+}

@@ -16,11 +16,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod cifar;
 pub mod colored;
 pub mod error;
 pub mod idx;
 pub mod source;
 
+pub use cifar::{Cifar10sConfig, CifarArchive, build_cifar10s};
 pub use colored::{ColoredMnistConfig, Colouring, PROTOCOL_RATIOS, Preset, build, is_aligned};
 pub use error::{CmnistError, Result};
 pub use source::{GreySource, SourceKind, Verification};
