@@ -45,7 +45,7 @@ pub fn run(args: CmnistArgs, root: &Path) -> Result<()> {
     );
     for &ratio in &args.ratios {
         let config = ColoredMnistConfig {
-            source: args.source.dataset,
+            source: args.source.dataset.grey().unwrap_or_default(),
             ..ColoredMnistConfig::new(args.preset, ratio, args.seed)
         };
         let started = Instant::now();

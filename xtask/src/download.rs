@@ -36,9 +36,10 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// Arguments of `cargo xtask download`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Args {
-    /// Which grey dataset: mnist or fashion-mnist.
+    /// Which dataset: mnist, fashion-mnist (the four IDX files) or cifar10 (the CIFAR-10
+    /// binary archive).
     #[arg(long, default_value = "mnist")]
-    pub dataset: SourceKind,
+    pub dataset: Dataset,
     /// Copy the four files (`NAME.gz` or raw `NAME`) from this local folder instead of
     /// downloading. For MNIST, defaults to $DEBIASDD_MNIST_DIR when that is set.
     #[arg(long, value_name = "DIR", visible_alias = "mnist-dir")]
@@ -49,6 +50,50 @@ pub struct Args {
     /// Accept files whose content checksum differs from the published dataset (warns per file).
     #[arg(long)]
     pub skip_checksum: bool,
+}
+
+/// What `cargo xtask download` fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataset {
+    /// A grey IDX source: MNIST or Fashion-MNIST.
+    Grey(SourceKind),
+    /// The CIFAR-10 binary archive.
+    Cifar10,
+}
+
+impl Default for Dataset {
+    fn default() -> Self {
+        Dataset::Grey(SourceKind::Mnist)
+    }
+}
+
+impl Dataset {
+    /// The grey source, if this is one.
+    pub fn grey(self) -> Option<SourceKind> {
+        match self {
+            Dataset::Grey(kind) => Some(kind),
+            Dataset::Cifar10 => None,
+        }
+    }
+}
+
+impl From<SourceKind> for Dataset {
+    fn from(kind: SourceKind) -> Self {
+        Dataset::Grey(kind)
+    }
+}
+
+impl std::str::FromStr for Dataset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cifar10" => Ok(Dataset::Cifar10),
+            other => other
+                .parse::<SourceKind>()
+                .map(Dataset::Grey)
+                .map_err(|e| format!("{e}, or cifar10")),
+        }
+    }
 }
 
 /// How often to try one mirror, and the pause before the second attempt (doubled after).
@@ -68,7 +113,12 @@ impl Retry {
 /// Runs the task; `root` is the project root that the default destination hangs off. Returns
 /// the verified source, loaded.
 pub fn run(args: Args, root: &Path) -> Result<GreySource> {
-    let kind = args.dataset;
+    let Some(kind) = args.dataset.grey() else {
+        bail!(
+            "{:?} is not a grey IDX source; `cargo xtask download --dataset cifar10` fetches CIFAR-10",
+            args.dataset
+        );
+    };
     let verification = if args.skip_checksum {
         Verification::Skip
     } else {
@@ -205,13 +255,13 @@ fn store(tmp: NamedTempFile, dest: &Path, name: &str) -> Result<PathBuf> {
     Ok(target)
 }
 
-fn create_dest(dest: &Path) -> Result<()> {
+pub fn create_dest(dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest)
         .with_context(|| format!("cannot create destination folder {}", dest.display()))
 }
 
 /// A temporary file in `dest` whose name shows what it will become.
-fn temp_in(dest: &Path, name: &str) -> Result<NamedTempFile> {
+pub fn temp_in(dest: &Path, name: &str) -> Result<NamedTempFile> {
     let prefix = format!(".{name}.");
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".part");
@@ -265,53 +315,28 @@ pub fn download_all(
     verification: Verification,
     retry: Retry,
 ) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_resolve(Some(Duration::from_secs(5)))
-        .timeout_connect(Some(Duration::from_secs(5)))
-        .timeout_per_read(Some(Duration::from_secs(30)))
-        .user_agent("debiasdd-xtask")
-        .build()
-        .into();
+    let agent = agent();
     create_dest(dest)?;
     for file in kind.files() {
         if already_present(dest, kind, file, verification) {
             continue;
         }
-        let mut failures = Vec::new();
-        let mut stored = None;
-        'mirrors: for url in file_urls(mirrors, file.name) {
-            for attempt in 1..=retry.attempts.max(1) {
-                if attempt > 1 {
-                    std::thread::sleep(retry.backoff.saturating_mul(1 << (attempt - 2).min(8)));
-                }
-                println!("{}: fetching {url} (attempt {attempt})", file.name);
-                match fetch(&agent, &url, dest, file.name) {
-                    Ok(tmp) => match check(tmp.path(), kind, file, verification) {
-                        Ok(status) => {
-                            stored = Some((store(tmp, dest, file.name)?, status));
-                            break 'mirrors;
-                        }
-                        Err(e) => {
-                            println!("  bad content: {e:#}");
-                            failures.push(format!("{url}: bad content: {e:#}"));
-                            continue 'mirrors;
-                        }
-                    },
-                    Err((e, retryable)) => {
-                        println!("  failed: {e}");
-                        if !retryable || attempt == retry.attempts.max(1) {
-                            failures.push(format!("{url}: {e}"));
-                            continue 'mirrors;
-                        }
-                    }
-                }
-            }
-        }
+        let urls = file_urls(mirrors, file.name);
+        let stored = fetch_verified(
+            &agent,
+            &urls,
+            dest,
+            file.name,
+            MAX_DOWNLOAD_BYTES,
+            retry,
+            &|path| check(path, kind, file, verification),
+        );
         match stored {
-            Some((target, status)) => {
+            Ok((tmp, status)) => {
+                let target = store(tmp, dest, file.name)?;
                 println!("{}: {status}, saved as {}", file.name, target.display());
             }
-            None => bail!("{}", no_mirror_message(kind, file.name, &failures)),
+            Err(failures) => bail!("{}", no_mirror_message(kind, file.name, &failures)),
         }
     }
     Ok(())
@@ -334,11 +359,65 @@ fn no_mirror_message(kind: SourceKind, name: &str, failures: &[String]) -> Strin
 }
 
 /// One download attempt into a temporary file. The error says whether a retry could help.
+/// The first good copy of `name` from `urls`, tried in order: each URL gets `retry.attempts`
+/// tries for transient failures; content that fails `check` moves on to the next URL. On
+/// success, the temporary file (in `dest`) and `check`'s verdict; otherwise every failure.
+pub fn fetch_verified(
+    agent: &ureq::Agent,
+    urls: &[String],
+    dest: &Path,
+    name: &str,
+    limit: u64,
+    retry: Retry,
+    check: &dyn Fn(&Path) -> Result<&'static str>,
+) -> Result<(NamedTempFile, &'static str), Vec<String>> {
+    let mut failures = Vec::new();
+    'mirrors: for url in urls {
+        for attempt in 1..=retry.attempts.max(1) {
+            if attempt > 1 {
+                std::thread::sleep(retry.backoff.saturating_mul(1 << (attempt - 2).min(8)));
+            }
+            println!("{name}: fetching {url} (attempt {attempt})");
+            match fetch(agent, url, dest, name, limit) {
+                Ok(tmp) => match check(tmp.path()) {
+                    Ok(status) => return Ok((tmp, status)),
+                    Err(e) => {
+                        println!("  bad content: {e:#}");
+                        failures.push(format!("{url}: bad content: {e:#}"));
+                        continue 'mirrors;
+                    }
+                },
+                Err((e, retryable)) => {
+                    println!("  failed: {e}");
+                    if !retryable || attempt == retry.attempts.max(1) {
+                        failures.push(format!("{url}: {e}"));
+                        continue 'mirrors;
+                    }
+                }
+            }
+        }
+    }
+    Err(failures)
+}
+
+/// The HTTP agent of every download: short resolve and connect timeouts, so that a machine
+/// without network fails within seconds.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_resolve(Some(Duration::from_secs(5)))
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_per_read(Some(Duration::from_secs(30)))
+        .user_agent("debiasdd-xtask")
+        .build()
+        .into()
+}
+
 fn fetch(
     agent: &ureq::Agent,
     url: &str,
     dest: &Path,
     name: &str,
+    limit: u64,
 ) -> Result<NamedTempFile, (String, bool)> {
     let retryable = |e: &ureq::Error| match e {
         ureq::Error::StatusCode(code) => *code == 429 || *code >= 500,
@@ -355,7 +434,7 @@ fn fetch(
     let mut body = response
         .into_body()
         .into_with_config()
-        .limit(MAX_DOWNLOAD_BYTES)
+        .limit(limit)
         .reader();
     std::io::copy(&mut body, tmp.as_file_mut()).map_err(|e| {
         let e = ureq::Error::from(e);

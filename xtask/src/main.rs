@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cifar;
 mod cmnist;
 mod download;
 mod reproduce;
@@ -48,7 +49,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = ExitCode::SUCCESS;
     let result = match cli.task {
-        Task::Download(args) => download::run(args, &project_root()).map(|_| done),
+        Task::Download(args) => match args.dataset {
+            download::Dataset::Cifar10 => cifar::run(args, &project_root()).map(|_| done),
+            download::Dataset::Grey(_) => download::run(args, &project_root()).map(|_| done),
+        },
         Task::Cmnist(args) => cmnist::run(args, &project_root()).map(|()| done),
         Task::Bench(args) => bench::run(args, &project_root()).map(|()| done),
         Task::Reproduce(args) => {

@@ -120,7 +120,7 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
             .unwrap_or_else(|| root.join("data/cmnist")),
     };
     let source_args = download::Args {
-        dataset: config.cmnist.source,
+        dataset: config.cmnist.source.into(),
         from: args.mnist_dir.clone(),
         skip_checksum: args.skip_checksum,
         ..download::Args::default()
