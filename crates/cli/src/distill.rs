@@ -1,4 +1,4 @@
-//! `debiasdd distill`: learns a synthetic set from a Colored MNIST train split with a method (DC
+//! `debiasdd distill`: learns a synthetic set from a dataset's train split with a method (DC
 //! gradient matching or DM distribution matching) over strata (class-wise, group-wise,
 //! class-vs-groups or class-vs-group-mean), with checkpoints,
 //! resume, grids and a progress bar. The loop and its driver are `debiasdd_distill`'s; this
@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
 pub struct DistillArgs {
-    /// Colored MNIST file (its train split is distilled).
+    /// Dataset file from `debiasdd generate` or `debiasdd import` (its train split is distilled).
     #[arg(long)]
     data: PathBuf,
     /// What is matched: dc (gradients of a network trained on the way) or dm (mean embeddings

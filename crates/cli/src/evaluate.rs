@@ -1,6 +1,6 @@
 //! `debiasdd evaluate`: trains K fresh networks on a synthetic (distilled or subset) set with the
 //! DC protocol (or, with `--dsa`, the DSA/DM one) and scores them on the unbiased test split of a
-//! Colored MNIST file.
+//! dataset file.
 
 use std::path::PathBuf;
 
@@ -14,7 +14,7 @@ use crate::progress::EvalBar;
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
-    /// Colored MNIST file (its test split is scored).
+    /// Dataset file from `debiasdd generate` or `debiasdd import` (its test split is scored).
     #[arg(long)]
     data: PathBuf,
     /// Synthetic-set file (from `debiasdd distill`, or a real subset).

@@ -129,7 +129,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     tracing::info!(elapsed = ?started.elapsed(), "loaded grey source");
     let built = Instant::now();
     let data = debiasdd_cmnist::build(&source, &config)?;
-    tracing::info!(elapsed = ?built.elapsed(), "generated Colored MNIST");
+    tracing::info!(elapsed = ?built.elapsed(), "generated the dataset");
     debiasdd_data::file::save(&data, &args.out)?;
     if let Some(preview) = &args.preview {
         debiasdd_data::preview::write_preview(&data.train, Some(&config.palette), preview)

@@ -9,6 +9,7 @@
 mod distill;
 mod evaluate;
 mod generate;
+mod import;
 mod net_args;
 mod progress;
 mod subset;
@@ -28,7 +29,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "debiasdd",
     version,
-    about = "Debiased dataset distillation on Colored MNIST"
+    about = "Debiased dataset distillation: Colored MNIST, CIFAR10-S and your own images"
 )]
 struct Cli {
     /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.
@@ -44,9 +45,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Build a Colored MNIST from grey MNIST files and save it as one safetensors file.
+    /// Build a benchmark dataset (Colored MNIST / Fashion-MNIST, CIFAR10-S) as one file.
     Generate(generate::GenerateArgs),
-    /// Train networks on a Colored MNIST train split (ERM or group-balanced ERM) and score them.
+    /// Turn your own PNG/JPEG images (a CSV list or an image folder) into a dataset file.
+    Import(import::ImportArgs),
+    /// Train networks on a dataset's train split (ERM or group-balanced ERM) and score them.
     Train(train::TrainArgs),
     /// Train K fresh networks on a synthetic set with the DC protocol and score them.
     Evaluate(evaluate::EvaluateArgs),
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
     let done = ExitCode::SUCCESS;
     let result = match cli.command {
         Command::Generate(args) => generate::run(args).map(|()| done),
+        Command::Import(args) => import::run(args).map(|()| done),
         Command::Train(args) => train::run(args).map(|()| done),
         Command::Evaluate(args) => evaluate::run(args).map(|()| done),
         Command::Distill(args) => distill::run(args).map(|outcome| match outcome {

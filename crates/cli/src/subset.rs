@@ -10,7 +10,7 @@ use rand::SeedableRng;
 
 #[derive(Debug, Args)]
 pub struct SubsetArgs {
-    /// Colored MNIST file (its train split is sampled).
+    /// Dataset file from `debiasdd generate` or `debiasdd import` (its train split is sampled).
     #[arg(long)]
     data: PathBuf,
     /// class (n images per class) or group (n images per non-empty group).

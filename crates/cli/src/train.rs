@@ -1,5 +1,5 @@
 //! `debiasdd train`: the full-data baselines. Trains networks on the whole train split of a
-//! Colored MNIST file (plain ERM, or group-balanced ERM) and scores them on its test split.
+//! dataset file (plain ERM, or group-balanced ERM) and scores them on its test split.
 
 use std::path::PathBuf;
 
@@ -13,7 +13,7 @@ use crate::progress::EvalBar;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Colored MNIST file from `debiasdd generate`.
+    /// Dataset file from `debiasdd generate` or `debiasdd import`.
     #[arg(long)]
     data: PathBuf,
     #[command(flatten)]

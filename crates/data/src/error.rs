@@ -25,6 +25,8 @@ pub enum DataError {
          S x S (for example `debiasdd import --size S`)"
     )]
     NotSquare { shape: ImageShape },
+    #[error("{at}: {problem}")]
+    Import { at: String, problem: String },
     #[error("{field}: {problem}")]
     Invalid { field: String, problem: String },
     #[error(

@@ -10,6 +10,7 @@
 //! * [`ImageSet`], [`Normalization`]: images in pixel space as floats, per-channel statistics,
 //!   conversion to candle tensors, random real subsets ([`random_real_subset`]).
 //! * [`SyntheticSet`]: the small-set file a distillation or a subset writes.
+//! * [`import`]: the user's own PNG/JPEG images, listed in a CSV or laid out in folders.
 //! * [`preview`]: the class x attribute grid of a split, the picture that shows the bias.
 //!
 //! It sits above `debiasdd-groups` and below everything that trains or distils: the
@@ -31,6 +32,7 @@ mod dataset;
 mod error;
 pub mod file;
 mod image_set;
+pub mod import;
 pub mod preview;
 mod shape;
 mod synthetic;
