@@ -149,3 +149,41 @@ fn the_code_map_names_files_that_exist() {
     }
     assert!(checked >= 8, "the code map names only {checked} paths");
 }
+
+#[test]
+fn only_the_generators_know_the_benchmark_sizes() {
+    let root = root();
+    let layers = ["data", "eval", "distill", "model", "augment", "groups"];
+    let needles = [
+        "COLORED_MNIST",
+        "IMAGE_BYTES",
+        "N_COLOURS",
+        "debiasdd_cmnist",
+        "SIDE: usize = 28",
+    ];
+    let mut found = Vec::new();
+    for path in rust_files() {
+        let rel = path
+            .strip_prefix(&root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .replace('\\', "/");
+        if !layers
+            .iter()
+            .any(|l| rel.starts_with(&format!("crates/{l}/src/")))
+        {
+            continue;
+        }
+        for (n, line) in read(&path).lines().enumerate() {
+            let code = code(line);
+            if let Some(needle) = needles.iter().find(|w| code.contains(*w)) {
+                found.push(format!("{rel}:{}: {needle}", n + 1));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "Colored MNIST's sizes belong to debiasdd-cmnist (ARCHITECTURE.md's invariant); take them from the Dataset:\n{}",
+        found.join("\n")
+    );
+}

@@ -44,6 +44,7 @@ pub enum DataError {
     ZeroPerStratum,
     #[error(transparent)]
     Groups(#[from] debiasdd_groups::GroupError),
+    #[cfg(feature = "tensors")]
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -2,6 +2,7 @@
 //! groups, their per-channel normalisation, conversion to candle tensors, and random real
 //! subsets (the floors a distilled set must beat).
 
+#[cfg(feature = "tensors")]
 use candle_core::{DType, Device, Tensor};
 use debiasdd_groups::GroupSpec;
 use rand::Rng;
@@ -185,6 +186,7 @@ impl ImageSet {
     }
 
     /// Normalised images (`N x C x H x W`, `dtype`) and labels (U32, N) on `device`.
+    #[cfg(feature = "tensors")]
     pub fn to_tensors(
         &self,
         norm: &Normalization,
@@ -303,6 +305,7 @@ mod tests {
         assert!((norm.mean[1] - 0.5).abs() < 1e-6 && (norm.std[1] - 0.5).abs() < 1e-6);
     }
 
+    #[cfg(feature = "tensors")]
     #[test]
     fn tensors_are_normalised_per_channel() -> anyhow::Result<()> {
         let set = ImageSet::from_split(&toy_split());
