@@ -9,8 +9,9 @@
 //! `round(ratio * n_k)` samples of class `k` are bias-conflicting, each in a colour drawn
 //! uniformly from the 9 other colours; the rest are in colour `k`. Valid and test colours are
 //! uniform over all 10. Group id = class * 10 + colour. Background colouring ([`Colouring`])
-//! keeps the digit's grey and puts the colour behind it:
-//! `pixel = intensity + (1 - intensity / 255) * colour`.
+//! puts the colour behind the digit, which stays dark, as FairDD's C-MNIST (BG) code draws it:
+//! `pixel = (1 - intensity / 255) * colour` (a white digit would vanish on the ReBias palette's
+//! white).
 //!
 //! Randomness: one ChaCha8 generator per purpose, all seeded by `config.seed` and told apart by
 //! their stream number ([`Stream`]), so changing how one purpose draws never shifts another.
@@ -88,13 +89,13 @@ pub enum Preset {
     /// indices are still drawn (and stored) but invisible: the control without bias.
     Grey,
     /// FairDD's C-MNIST (BG): the `fairdd` preset with the colour in the background and the
-    /// binarised digit white.
+    /// binarised digit black.
     CmnistBg,
     /// FairDD's C-FMNIST (FG): Fashion-MNIST, 60k train, ReBias palette, the grey item scaled
     /// by the colour (not binarised: garments are textured).
     CfmnistFg,
     /// FairDD's C-FMNIST (BG) / Cui et al.'s BG-FMNIST: Fashion-MNIST with the colour in the
-    /// background and the item's grey kept.
+    /// background, the item in darker shades of it (its inverted grey).
     CfmnistBg,
 }
 
@@ -178,7 +179,7 @@ pub enum Colouring {
     /// `pixel = intensity / 255 * colour`: the digit in colour on black.
     #[default]
     Foreground,
-    /// `pixel = intensity + (1 - intensity / 255) * colour`: the digit's grey on the colour.
+    /// `pixel = (1 - intensity / 255) * colour`: the digit dark on the colour.
     Background,
 }
 
@@ -454,7 +455,7 @@ fn jittered_colours(
 }
 
 /// Colouring: channel `ch` of pixel `p` is `round(intensity(p) * rgb[ch])` in the foreground,
-/// `round(intensity(p) + (255 - intensity(p)) * rgb[ch])` in the background.
+/// `round((255 - intensity(p)) * rgb[ch])` in the background.
 fn colourise_images(
     images: &IdxImages,
     idx: &[usize],
@@ -478,7 +479,7 @@ fn colourise_images(
                     *d = match colouring {
                         Colouring::Foreground => (intensity * scale).round() as u8,
                         Colouring::Background => {
-                            (intensity + (255.0 - intensity) * scale).round() as u8
+                            ((255.0 - intensity) * scale).round() as u8
                         }
                     };
                 }
@@ -755,7 +756,7 @@ mod tests {
                     f32::from(g)
                 };
                 for ch in 0..3 {
-                    let expected = (g + (255.0 - g) * f32::from(rgb[ch]) / 255.0).round() as u8;
+                    let expected = ((255.0 - g) * f32::from(rgb[ch]) / 255.0).round() as u8;
                     assert_eq!(
                         img[ch * 784 + p],
                         expected,
