@@ -478,9 +478,7 @@ fn colourise_images(
                     };
                     *d = match colouring {
                         Colouring::Foreground => (intensity * scale).round() as u8,
-                        Colouring::Background => {
-                            ((255.0 - intensity) * scale).round() as u8
-                        }
+                        Colouring::Background => ((255.0 - intensity) * scale).round() as u8,
                     };
                 }
             }
