@@ -205,3 +205,80 @@ fn miniature_grid_writes_every_output_resumes_and_refuses_changed_settings() -> 
     );
     Ok(())
 }
+
+/// The user's own images (imported PNGs: 2 classes x 2 attributes of 8 x 8) run through the same
+/// grid with `data` set: no Colored MNIST is generated, the group floor takes ipc / 2 per group.
+#[test]
+fn grid_runs_on_an_imported_dataset_file() -> anyhow::Result<()> {
+    use debiasdd_data::import::{ImportOptions, ImportRow, build};
+    let tmp = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    for i in 0..48u32 {
+        let (class, attr) = (i % 2, if i % 8 == 7 { 1 - i % 2 } else { i % 2 });
+        let path = tmp.path().join(format!("{i}.png"));
+        image::RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb([
+                (40 + 150 * attr + x) as u8,
+                (60 + y) as u8,
+                (40 + 150 * class) as u8,
+            ])
+        })
+        .save(&path)?;
+        rows.push(ImportRow {
+            path,
+            label: class.to_string(),
+            attribute: Some(["land", "water"][attr as usize].into()),
+            split: Some(if i < 40 { 0 } else { 2 }),
+            origin: format!("row {i}"),
+        });
+    }
+    let options = ImportOptions {
+        name: "own".into(),
+        size: 8,
+        channels: None,
+        valid_share: 0.0,
+        test_share: 0.0,
+        seed: 0,
+    };
+    let file = tmp.path().join("own.safetensors");
+    debiasdd_data::file::save(&build(&rows, &options)?, &file)?;
+
+    let mut config = miniature();
+    config.ratios = vec![0.0];
+    config.distill.width = Some(4);
+    config.data = Some(debiasdd_reproduce::config::DataFile {
+        path: file.clone(),
+        n_attributes: 2,
+    });
+    config.baselines = false;
+    let paths = Paths {
+        out: tmp.path().join("results"),
+        datasets: tmp.path().join("unused"),
+    };
+    let source = || -> Result<GreySource, ReproduceError> {
+        panic!("a grid on a given file must not generate Colored MNIST")
+    };
+    let stop = AtomicBool::new(false);
+    let outcome =
+        debiasdd_reproduce::run(&config, &source, &paths, &Device::Cpu, &stop, &mut |_| {})?;
+    assert!(matches!(outcome, Outcome::Complete));
+    let results: Results = serde_json::from_slice(&std::fs::read(paths.out.join("results.json"))?)?;
+    assert!(results.pending.is_empty());
+    let floor = results
+        .cells
+        .iter()
+        .find(|c| c.id.ends_with("random-group"))
+        .expect("group floor");
+    assert_eq!(floor.settings["train_set"]["per_stratum"], 5);
+    assert_eq!(
+        floor.report.n_train, 15,
+        "5 from each of the 3 non-empty groups"
+    );
+    let report = std::fs::read_to_string(paths.out.join("results.md"))?;
+    assert!(
+        report.starts_with("# Debiased dataset distillation on `own`"),
+        "{report}"
+    );
+    assert!(!paths.datasets.exists());
+    Ok(())
+}

@@ -26,6 +26,11 @@ pub struct ReproduceArgs {
     /// go to <OUT>/<preset> for seed, <OUT>/<preset>-<benchmark> otherwise.
     #[arg(long, default_value = "seed")]
     benchmark: debiasdd_cmnist::Preset,
+    /// Run the grid on this dataset file (from `debiasdd import` or `debiasdd generate`)
+    /// instead of generating Colored MNIST: one column, labelled with the file's ratio if it
+    /// records one (else 0). Results go to <OUT>/<preset>-<file stem>.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["benchmark", "ratios"])]
+    data: Option<PathBuf>,
     /// Folder with the four grey IDX files (`NAME.gz` or raw; Fashion-MNIST for the cfmnist
     /// benchmarks). Without it (and, for MNIST, without
     /// $DEBIASDD_MNIST_DIR) they are downloaded into data/mnist.
@@ -74,8 +79,18 @@ pub struct ReproduceArgs {
 }
 
 impl ReproduceArgs {
-    fn config(&self) -> ReproduceConfig {
+    fn config(&self) -> Result<ReproduceConfig> {
         let mut c = ReproduceConfig::preset(self.preset);
+        if let Some(path) = &self.data {
+            let data = debiasdd_data::file::load(path)?;
+            c.ratios = vec![
+                debiasdd_cmnist::ColoredMnistConfig::of_dataset(&data).map_or(0.0, |d| d.ratio),
+            ];
+            c.data = Some(debiasdd_reproduce::config::DataFile {
+                path: path.clone(),
+                n_attributes: data.spec().n_attributes(),
+            });
+        }
         if let Some(r) = &self.ratios {
             c.ratios = r.clone();
         }
@@ -93,11 +108,15 @@ impl ReproduceArgs {
             c.distill.dsa = Some(self.dsa);
         }
         c.cmnist = debiasdd_cmnist::ColoredMnistConfig::new(self.benchmark, 0.0, 0);
-        c
+        Ok(c)
     }
 
     /// The grid's folder under the results root.
     fn out_name(&self) -> String {
+        if let Some(path) = &self.data {
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+            return format!("{}-{stem}", self.preset.name());
+        }
         match self.benchmark {
             debiasdd_cmnist::Preset::Seed => self.preset.name().to_owned(),
             other => format!("{}-{}", self.preset.name(), other.name()),
@@ -107,7 +126,7 @@ impl ReproduceArgs {
 
 /// Runs the grid; `Interrupted` when Ctrl-C stopped it (checkpoints and finished cells kept).
 pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
-    let config = args.config();
+    let config = args.config()?;
     config.validate()?;
     let device = debiasdd_model::device::parse_device(&args.device)?;
     debiasdd_model::device::set_tf32(args.tf32);

@@ -139,7 +139,11 @@ pub fn settings(config: &ReproduceConfig, cell: &Cell) -> serde_json::Value {
     }
     .expect("configs serialise");
     serde_json::json!({
-        "data": config.cmnist_config(cell.ratio, cell.seed),
+        "data": match &config.data {
+            Some(file) => serde_json::json!({ "file": file.path }),
+            None => serde_json::to_value(config.cmnist_config(cell.ratio, cell.seed))
+                .expect("configs serialise"),
+        },
         "train_set": produce,
         "eval": eval,
     })
@@ -150,7 +154,7 @@ pub fn settings(config: &ReproduceConfig, cell: &Cell) -> serde_json::Value {
 pub fn floor_size(config: &ReproduceConfig, stratify: Stratify) -> usize {
     match stratify {
         Stratify::Class => config.distill.ipc,
-        Stratify::Group => (config.distill.ipc / debiasdd_cmnist::colored::N_COLOURS).max(1),
+        Stratify::Group => (config.distill.ipc / config.n_attributes()).max(1),
     }
 }
 

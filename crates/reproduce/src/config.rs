@@ -137,6 +137,10 @@ pub struct ReproduceConfig {
     pub seeds: Vec<u64>,
     /// The Colored MNIST generator; ratio and seed are set per cell.
     pub cmnist: ColoredMnistConfig,
+    /// A dataset file (from `debiasdd import` or `generate`) the grid runs on instead of
+    /// generating one per ratio and seed: every cell reads it, and its one ratio is a label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataFile>,
     pub distill: DistillSettings,
     /// How distilled sets and random subsets are scored; the seed is set per cell.
     pub eval: EvalConfig,
@@ -146,6 +150,14 @@ pub struct ReproduceConfig {
     pub baselines: bool,
     /// Distillation checkpoints every this many iterations (and on Ctrl-C).
     pub checkpoint_every: usize,
+}
+
+/// A given dataset file and its attribute count (the group floor draws `ipc / n_attributes`
+/// images per group).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataFile {
+    pub path: std::path::PathBuf,
+    pub n_attributes: usize,
 }
 
 fn convnet(width: usize) -> ModelConfig {
@@ -194,6 +206,7 @@ impl ReproduceConfig {
                 .concat(),
                 seeds: vec![0],
                 cmnist,
+                data: None,
                 distill: DistillSettings {
                     iterations_by_method: [
                         (MethodKind::Dc, DEMO_ITERATIONS.0),
@@ -220,6 +233,7 @@ impl ReproduceConfig {
                 .concat(),
                 seeds: vec![0],
                 cmnist,
+                data: None,
                 distill: DistillSettings {
                     iterations_by_method: [(MethodKind::Dm, QUICK_DM_ITERATIONS)].into(),
                     ..DistillSettings::of(Preset::Quick)
@@ -239,6 +253,7 @@ impl ReproduceConfig {
                 .concat(),
                 seeds: vec![0, 1, 2],
                 cmnist,
+                data: None,
                 distill: DistillSettings::of(Preset::Paper),
                 eval: EvalConfig {
                     model: convnet(128),
@@ -308,6 +323,13 @@ impl ReproduceConfig {
             }
         }
         config
+    }
+
+    /// Attributes per class of the grid's data: the given file's, else Colored MNIST's colours.
+    pub fn n_attributes(&self) -> usize {
+        self.data
+            .as_ref()
+            .map_or(debiasdd_cmnist::colored::N_COLOURS, |d| d.n_attributes)
     }
 
     /// The Colored MNIST config of one (ratio, seed).

@@ -97,13 +97,14 @@ pub fn write_all(
     }
     let most_biased = config.ratios.iter().copied().fold(f64::INFINITY, f64::min);
     written.heatmap_ratio = most_biased;
-    let palette = config.cmnist.palette;
+    // A given dataset file's attributes need not be colours: no strip above its heat maps.
+    let palette = config.data.is_none().then_some(config.cmnist.palette);
     for s in summary.iter().filter(|s| s.ratio == most_biased) {
         let name = format!("figures/heat-r{most_biased}-{}.png", s.method.slug());
         debiasdd_eval::heatmap::write_group_heatmap(
             &s.summary.group_accuracy_mean,
             &paths.out.join(&name),
-            Some(&palette),
+            palette.as_ref().map(|p| p.as_slice()),
         )?;
         written.heatmaps.push((s.label.clone(), name));
     }

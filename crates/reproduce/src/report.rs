@@ -193,9 +193,17 @@ fn markdown(
         .iter()
         .map(|c| c.produce_seconds + c.eval_seconds)
         .sum();
+    let on = match &config.data {
+        Some(file) => format!(
+            "`{}`",
+            file.path.file_stem().unwrap_or_default().to_string_lossy()
+        ),
+        None if config.cmnist.preset == debiasdd_cmnist::Preset::Seed => "Colored MNIST".into(),
+        None => format!("`{}`", config.cmnist.preset.name()),
+    };
     let _ = writeln!(
         md,
-        "# Debiased dataset distillation on Colored MNIST: preset `{}`\n",
+        "# Debiased dataset distillation on {on}: preset `{}`\n",
         config.preset
     );
     let _ = writeln!(
@@ -248,15 +256,21 @@ fn markdown(
     } else {
         " No full-data baselines.".to_owned()
     };
+    let data = match &config.data {
+        Some(file) => format!("dataset file `{}`", file.path.display()),
+        None => format!(
+            "Colored MNIST preset `{}` ({} train images; the ratio is the share of \
+             bias-conflicting images per class)",
+            config.cmnist.preset.name(),
+            config.cmnist.train_size
+        ),
+    };
     let _ = writeln!(
         md,
-        "Settings: Colored MNIST preset `{}` ({} train images; the ratio is the share of \
-         bias-conflicting images per class); seeds {:?}. {} Distilled sets and random subsets \
+        "Settings: {data}; seeds {:?}. {} Distilled sets and random subsets \
          of the same size are scored by {} of width {} trained for E = {} epochs (E + 1 passes, \
          as DC counts), augmentation: {}.{} Mean ± std over every network of every seed; all numbers on the \
          unbiased test split.\n",
-        config.cmnist.preset.name(),
-        config.cmnist.train_size,
         config.seeds,
         distillation.join(" "),
         count(config.eval.n_models, "ConvNet", "ConvNets"),

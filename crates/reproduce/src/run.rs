@@ -79,6 +79,15 @@ fn dataset(
     paths: &Paths,
     observer: &mut dyn FnMut(Event<'_>),
 ) -> Result<Dataset, ReproduceError> {
+    if let Some(file) = &config.data {
+        let data = debiasdd_data::file::load(&file.path)?;
+        observer(Event::Dataset {
+            path: &file.path,
+            generated: false,
+            empty_groups: data.train.group_index().empty_groups().len(),
+        });
+        return Ok(data);
+    }
     let wanted = config.cmnist_config(ratio, seed);
     let path = paths.datasets.join(wanted.file_name());
     if path.exists() {
