@@ -88,9 +88,10 @@ pub fn save(data: &Dataset, path: &Path) -> Result<(), DataError> {
     write_atomically(path, &bytes).map_err(|e| write_err(e.to_string()))
 }
 
-/// Reads a dataset file (or a Colored MNIST file of an earlier version), checking every
-/// tensor's dtype, shape and value range.
-pub fn load(path: &Path) -> Result<Dataset, DataError> {
+/// A safetensors file read whole, with its metadata; errors name the file.
+pub(crate) fn read_safetensors(
+    path: &Path,
+) -> Result<(Vec<u8>, HashMap<String, String>), DataError> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: path.to_owned(),
         source,
@@ -99,10 +100,62 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
         path: path.to_owned(),
         problem,
     };
-    let tensors =
-        SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors ({e})")))?;
+    SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors ({e})")))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
+    Ok((bytes, metadata))
+}
+
+/// Tensor `name` of `tensors`, which must be of `dtype`.
+pub(crate) fn typed_tensor<'a>(
+    tensors: &'a SafeTensors<'a>,
+    name: &str,
+    dtype: Dtype,
+    bad: &dyn Fn(String) -> DataError,
+) -> Result<TensorView<'a>, DataError> {
+    let view = tensors
+        .tensor(name)
+        .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+    if view.dtype() != dtype {
+        return Err(bad(format!(
+            "tensor `{name}` is {:?}, expected {dtype:?}",
+            view.dtype()
+        )));
+    }
+    Ok(view)
+}
+
+/// The I64 vector `name` of `tensors`, which must hold `n` values.
+pub(crate) fn i64_vector(
+    tensors: &SafeTensors<'_>,
+    name: &str,
+    n: usize,
+    bad: &dyn Fn(String) -> DataError,
+) -> Result<Vec<i64>, DataError> {
+    let view = typed_tensor(tensors, name, Dtype::I64, bad)?;
+    if view.shape() != [n] {
+        return Err(bad(format!(
+            "tensor `{name}` has shape {:?}, expected [{n}]",
+            view.shape()
+        )));
+    }
+    Ok(view
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Reads a dataset file (or a Colored MNIST file of an earlier version), checking every
+/// tensor's dtype, shape and value range.
+pub fn load(path: &Path) -> Result<Dataset, DataError> {
+    let (bytes, metadata) = read_safetensors(path)?;
+    let bad = |problem: String| DataError::BadFile {
+        path: path.to_owned(),
+        problem,
+    };
+    let tensors =
+        SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors ({e})")))?;
     let (info, attribute_key) = match metadata.get("format").map(String::as_str) {
         Some(FORMAT) => {
             let info: DatasetInfo = metadata
@@ -131,35 +184,10 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
         .map_err(|e| bad(format!("bad `info` metadata: {e}")))?;
     let spec = info.spec();
     let [c, h, w] = info.shape.dims();
-    let tensor = |name: &str, dtype: Dtype| -> Result<TensorView<'_>, DataError> {
-        let view = tensors
-            .tensor(name)
-            .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
-        if view.dtype() != dtype {
-            return Err(bad(format!(
-                "tensor `{name}` is {:?}, expected {dtype:?}",
-                view.dtype()
-            )));
-        }
-        Ok(view)
-    };
-    let ints = |name: &str, n: usize| -> Result<Vec<i64>, DataError> {
-        let view = tensor(name, Dtype::I64)?;
-        if view.shape() != [n] {
-            return Err(bad(format!(
-                "tensor `{name}` has shape {:?}, expected [{n}]",
-                view.shape()
-            )));
-        }
-        Ok(view
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-            .collect())
-    };
+    let ints = |name: &str, n: usize| i64_vector(&tensors, name, n, &bad);
     let mut splits = Vec::with_capacity(3);
     for name in SPLIT_NAMES {
-        let images = tensor(&format!("{name}.images"), Dtype::U8)?;
+        let images = typed_tensor(&tensors, &format!("{name}.images"), Dtype::U8, &bad)?;
         let n = images.shape().first().copied().unwrap_or(0);
         if images.shape() != [n, c, h, w] {
             return Err(bad(format!(

@@ -15,6 +15,7 @@ use std::path::Path;
 use debiasdd_groups::GroupSpec;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use crate::file::{i64_vector, read_safetensors, typed_tensor};
 use crate::{DataError, ImageSet, ImageShape, Normalization, serialize_sorted, write_atomically};
 
 /// Value of the `format` metadata key of a synthetic-set file.
@@ -94,18 +95,13 @@ impl SyntheticSet {
 
     /// Reads a synthetic-set file, checking dtypes, shapes, label and group ranges.
     pub fn load(path: &Path) -> Result<Self, DataError> {
-        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let (bytes, meta) = read_safetensors(path)?;
         let bad = |problem: String| DataError::BadFile {
             path: path.to_owned(),
             problem,
         };
         let st =
             SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors ({e})")))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = header.metadata().clone().unwrap_or_default();
         let count = |key: &str| -> Result<usize, DataError> {
             meta.get(key)
                 .ok_or_else(|| bad(format!("no `{key}` metadata")))?
@@ -134,19 +130,7 @@ impl SyntheticSet {
             mean: floats("norm_mean")?,
             std: floats("norm_std")?,
         };
-        let tensor = |name: &str, dtype: Dtype| {
-            let view = st
-                .tensor(name)
-                .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
-            if view.dtype() != dtype {
-                return Err(bad(format!(
-                    "`{name}` is {:?}, expected {dtype:?}",
-                    view.dtype()
-                )));
-            }
-            Ok(view)
-        };
-        let images = tensor("images", Dtype::F32)?;
+        let images = typed_tensor(&st, "images", Dtype::F32, &bad)?;
         let &[n, c, h, w] = images.shape() else {
             return Err(bad(format!(
                 "`images` has shape {:?}, expected [N, C, H, W]",
@@ -165,20 +149,7 @@ impl SyntheticSet {
                 "`images` holds a non-finite value at flat index {i}"
             )));
         }
-        let ints = |name: &str| -> Result<Vec<i64>, DataError> {
-            let view = tensor(name, Dtype::I64)?;
-            if view.shape() != [n] {
-                return Err(bad(format!(
-                    "`{name}` has shape {:?}, expected [{n}]",
-                    view.shape()
-                )));
-            }
-            Ok(view
-                .data()
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect())
-        };
+        let ints = |name: &str| i64_vector(&st, name, n, &bad);
         let labels = ints("labels")?
             .into_iter()
             .enumerate()

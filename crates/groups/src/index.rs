@@ -64,20 +64,7 @@ impl GroupIndex {
     where
         G: Copy + Into<usize>,
     {
-        let mut members = vec![Vec::new(); spec.n_groups()];
-        for (index, &group) in groups.iter().enumerate() {
-            let group = group.into();
-            if group >= spec.n_groups() {
-                return Err(GroupError::SampleOutOfRange {
-                    index,
-                    what: "group",
-                    value: group,
-                    limit: spec.n_groups(),
-                });
-            }
-            members[group].push(index);
-        }
-        Ok(Self { spec, members })
+        Self::from_ids(spec, groups.iter().map(|&g| Some(g.into())))
     }
 
     /// Builds the index from per-sample group ids where some are unknown (`None`): those samples
@@ -89,9 +76,16 @@ impl GroupIndex {
     where
         G: Copy + Into<usize>,
     {
+        Self::from_ids(spec, groups.iter().map(|g| g.map(Into::into)))
+    }
+
+    fn from_ids(
+        spec: GroupSpec,
+        groups: impl Iterator<Item = Option<usize>>,
+    ) -> Result<Self, GroupError> {
         let mut members = vec![Vec::new(); spec.n_groups()];
-        for (index, group) in groups.iter().enumerate() {
-            let Some(group) = group.map(Into::into) else {
+        for (index, group) in groups.enumerate() {
+            let Some(group) = group else {
                 continue;
             };
             if group >= spec.n_groups() {
@@ -278,6 +272,17 @@ mod tests {
         let classes: Vec<u8> = vec![0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1];
         let attrs: Vec<u8> = vec![0, 2, 0, 0, 1, 2, 2, 1, 2, 2, 2, 2];
         GroupIndex::from_pairs(GroupSpec::new(2, 3).unwrap(), &classes, &attrs).unwrap()
+    }
+
+    #[test]
+    fn unknown_groups_are_left_out_and_indices_kept() {
+        let spec = GroupSpec::new(2, 2).unwrap();
+        let index = GroupIndex::from_optional_group_ids(spec, &[Some(3u8), None, Some(3), Some(0)])
+            .unwrap();
+        assert_eq!(index.members(3), &[0, 2]);
+        assert_eq!(index.members(0), &[3]);
+        assert_eq!(index.len(), 3);
+        assert!(GroupIndex::from_optional_group_ids(spec, &[None, Some(4u8)]).is_err());
     }
 
     #[test]
