@@ -82,13 +82,13 @@ impl ReproduceArgs {
     fn config(&self) -> Result<ReproduceConfig> {
         let mut c = ReproduceConfig::preset(self.preset);
         if let Some(path) = &self.data {
-            let data = debiasdd_data::file::load(path)?;
-            c.ratios = vec![
-                debiasdd_cmnist::ColoredMnistConfig::of_dataset(&data).map_or(0.0, |d| d.ratio),
-            ];
+            // The header only: the grid loads the images once, when it runs.
+            let info = debiasdd_data::file::read_info(path)?;
+            c.ratios =
+                vec![debiasdd_cmnist::ColoredMnistConfig::of_info(&info).map_or(0.0, |d| d.ratio)];
             c.data = Some(debiasdd_reproduce::config::DataFile {
                 path: path.clone(),
-                n_attributes: data.spec().n_attributes(),
+                n_attributes: info.attributes.len(),
             });
         }
         if let Some(r) = &self.ratios {

@@ -312,7 +312,12 @@ impl ColoredMnistConfig {
     /// The config a dataset was generated with, if the Colored MNIST generator made it (also
     /// for files of earlier versions).
     pub fn of_dataset(data: &Dataset) -> Option<Self> {
-        let source = data.info.source.as_deref()?;
+        Self::of_info(&data.info)
+    }
+
+    /// [`ColoredMnistConfig::of_dataset`] from the info alone (`debiasdd_data::file::read_info`).
+    pub fn of_info(info: &DatasetInfo) -> Option<Self> {
+        let source = info.source.as_deref()?;
         let value: serde_json::Value = serde_json::from_str(source).ok()?;
         (value.get("generator")?.as_str()? == GENERATOR)
             .then(|| serde_json::from_value(value.get("config")?.clone()).ok())

@@ -156,30 +156,7 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
     };
     let tensors =
         SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not safetensors ({e})")))?;
-    let (info, attribute_key) = match metadata.get("format").map(String::as_str) {
-        Some(FORMAT) => {
-            let info: DatasetInfo = metadata
-                .get("info")
-                .ok_or_else(|| bad("no `info` metadata".into()))
-                .and_then(|c| {
-                    serde_json::from_str(c).map_err(|e| bad(format!("bad `info` metadata: {e}")))
-                })?;
-            (info, "attributes")
-        }
-        Some(LEGACY_CMNIST_FORMAT) => (legacy_cmnist_info(&metadata), "colours"),
-        Some(other) => {
-            return Err(bad(format!(
-                "format {other:?}; this build reads datasets ({FORMAT:?}); a distilled set goes \
-                 to --synthetic, not --data"
-            )));
-        }
-        None => {
-            return Err(bad(
-                "no `format` metadata; was it written by `debiasdd generate` or `debiasdd import`?"
-                    .into(),
-            ));
-        }
-    };
+    let (info, attribute_key) = info_of(&metadata, &bad)?;
     info.validate()
         .map_err(|e| bad(format!("bad `info` metadata: {e}")))?;
     let spec = info.spec();
@@ -195,21 +172,8 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
                 images.shape()
             )));
         }
-        let labels = ints(&format!("{name}.labels"), n)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, l)| {
-                u8::try_from(l)
-                    .ok()
-                    .filter(|&l| usize::from(l) < spec.n_classes())
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "`{name}.labels`[{i}] = {l} is outside 0..{}",
-                            spec.n_classes()
-                        ))
-                    })
-            })
-            .collect::<Result<Vec<u8>, _>>()?;
+        let labels_name = format!("{name}.labels");
+        let labels = class_labels(ints(&labels_name, n)?, &labels_name, spec.n_classes(), &bad)?;
         let attributes = ints(&format!("{name}.{attribute_key}"), n)?
             .into_iter()
             .enumerate()
@@ -239,6 +203,86 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
     let valid = splits.pop().expect("three splits");
     let train = splits.pop().expect("three splits");
     Dataset::new(info, train, valid, test).map_err(|e| bad(e.to_string()))
+}
+
+/// The info of a dataset file from its metadata, and the name its attribute tensors have.
+fn info_of(
+    metadata: &HashMap<String, String>,
+    bad: &dyn Fn(String) -> DataError,
+) -> Result<(DatasetInfo, &'static str), DataError> {
+    match metadata.get("format").map(String::as_str) {
+        Some(FORMAT) => {
+            let info: DatasetInfo = metadata
+                .get("info")
+                .ok_or_else(|| bad("no `info` metadata".into()))
+                .and_then(|c| {
+                    serde_json::from_str(c).map_err(|e| bad(format!("bad `info` metadata: {e}")))
+                })?;
+            Ok((info, "attributes"))
+        }
+        Some(LEGACY_CMNIST_FORMAT) => Ok((legacy_cmnist_info(metadata), "colours")),
+        Some(other) => Err(bad(format!(
+            "format {other:?}; this build reads datasets ({FORMAT:?}); a distilled set goes \
+                 to --synthetic, not --data"
+        ))),
+        None => Err(bad(
+            "no `format` metadata; was it written by `debiasdd generate` or `debiasdd import`?"
+                .into(),
+        )),
+    }
+}
+
+/// The info of a dataset file (name, shape, classes, attributes, ...), read from its header
+/// alone: what a caller needs before deciding to load gigabytes of images.
+pub fn read_info(path: &Path) -> Result<DatasetInfo, DataError> {
+    use std::io::Read;
+    let bad = |problem: String| DataError::BadFile {
+        path: path.to_owned(),
+        problem,
+    };
+    let mut file = std::fs::File::open(path).map_err(|source| DataError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| bad(format!("not safetensors ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(format!("not safetensors (a header of {len} bytes)")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(format!("not safetensors: the header is cut short ({e})")))?;
+    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not safetensors: the header is not JSON ({e})")))?;
+    let metadata: HashMap<String, String> = header
+        .get("__metadata__")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    let (info, _) = info_of(&metadata, &bad)?;
+    info.validate()
+        .map_err(|e| bad(format!("bad `info` metadata: {e}")))?;
+    Ok(info)
+}
+
+/// Class labels read from I64 `values`, each in `0..n_classes`; `name` is the tensor's.
+pub(crate) fn class_labels(
+    values: Vec<i64>,
+    name: &str,
+    n_classes: usize,
+    bad: &dyn Fn(String) -> DataError,
+) -> Result<Vec<u8>, DataError> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            u8::try_from(l)
+                .ok()
+                .filter(|&l| usize::from(l) < n_classes)
+                .ok_or_else(|| bad(format!("`{name}`[{i}] = {l} is outside 0..{n_classes}")))
+        })
+        .collect()
 }
 
 /// The info of a `debiasdd-cmnist/1` file: 3 x 28 x 28, digits x colours, each digit biased to
@@ -365,6 +409,7 @@ mod tests {
         save(&data, &a)?;
         save(&data, &b)?;
         assert_eq!(load(&a)?, data);
+        assert_eq!(read_info(&a)?, data.info, "the header alone holds the info");
         assert_eq!(std::fs::read(&a)?, std::fs::read(&b)?);
         let bytes = std::fs::read(&a)?;
         let (_, header) = SafeTensors::read_metadata(&bytes)?;

@@ -15,7 +15,7 @@ use std::path::Path;
 use debiasdd_groups::GroupSpec;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::file::{i64_vector, read_safetensors, typed_tensor};
+use crate::file::{class_labels, i64_vector, read_safetensors, typed_tensor};
 use crate::{DataError, ImageSet, ImageShape, Normalization, serialize_sorted, write_atomically};
 
 /// Value of the `format` metadata key of a synthetic-set file.
@@ -150,21 +150,7 @@ impl SyntheticSet {
             )));
         }
         let ints = |name: &str| i64_vector(&st, name, n, &bad);
-        let labels = ints("labels")?
-            .into_iter()
-            .enumerate()
-            .map(|(i, l)| {
-                u8::try_from(l)
-                    .ok()
-                    .filter(|&l| usize::from(l) < spec.n_classes())
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "`labels`[{i}] = {l} is outside 0..{}",
-                            spec.n_classes()
-                        ))
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let labels = class_labels(ints("labels")?, "labels", spec.n_classes(), &bad)?;
         let n_a = spec.n_attributes() as i64;
         let groups = ints("groups")?
             .into_iter()
