@@ -321,6 +321,7 @@ pub fn build_cifar10s(archive: &CifarArchive, config: &Cifar10sConfig) -> Result
         aligned: (0..10).map(|k| Some(u8::from(k >= 5))).collect(),
         attribute_colours: Some(vec![[128, 128, 128], [230, 120, 40]]),
         source: Some(serde_json::json!({ "generator": "cifar10s", "config": config }).to_string()),
+        inferred: None,
     };
     Ok(Dataset::new(info, train, Split::empty(shape, spec), test)?)
 }

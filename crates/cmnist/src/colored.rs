@@ -383,6 +383,7 @@ pub fn build(source: &GreySource, config: &ColoredMnistConfig) -> Result<Dataset
         aligned: (0..N_CLASSES as u8).map(Some).collect(),
         attribute_colours: Some(config.palette.to_vec()),
         source: Some(serde_json::to_string(&provenance).expect("provenance serialises")),
+        inferred: None,
     };
     let data = Dataset {
         info,
@@ -407,6 +408,7 @@ pub fn build(source: &GreySource, config: &ColoredMnistConfig) -> Result<Dataset
             test_colours,
             Stream::TestJitter,
         ),
+        true_train_attributes: None,
     };
     data.validate().expect("generator output is consistent");
     Ok(data)

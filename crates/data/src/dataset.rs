@@ -92,22 +92,7 @@ impl Split {
                 ),
             ));
         }
-        if let Some(i) = self
-            .attributes
-            .iter()
-            .position(|a| a.is_some_and(|a| usize::from(a) >= self.spec.n_attributes()))
-        {
-            return Err(DataError::invalid(
-                format!("{name}.attributes[{i}]"),
-                format!(
-                    "{:?} is outside the {} attributes 0..{}",
-                    self.attributes[i],
-                    self.spec.n_attributes(),
-                    self.spec.n_attributes()
-                ),
-            ));
-        }
-        Ok(())
+        check_attributes(&self.attributes, self.spec, &format!("{name}.attributes"))
     }
 
     pub fn len(&self) -> usize {
@@ -163,6 +148,29 @@ impl Split {
     }
 }
 
+/// Checks that every known attribute is inside `spec`; `field` names the list in the message.
+fn check_attributes(
+    attributes: &[Option<u8>],
+    spec: GroupSpec,
+    field: &str,
+) -> Result<(), DataError> {
+    if let Some(i) = attributes
+        .iter()
+        .position(|a| a.is_some_and(|a| usize::from(a) >= spec.n_attributes()))
+    {
+        return Err(DataError::invalid(
+            format!("{field}[{i}]"),
+            format!(
+                "{:?} is outside the {} attributes 0..{}",
+                attributes[i],
+                spec.n_attributes(),
+                spec.n_attributes()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// What a dataset is: its name, image shape, class and attribute names, which attribute each
 /// class is biased towards (if known), display colours of the attributes (if they are
 /// colours) and where it came from.
@@ -182,6 +190,23 @@ pub struct DatasetInfo {
     pub attribute_colours: Option<Vec<[u8; 3]>>,
     /// JSON of whatever made the dataset (a generator's config, an import's arguments).
     pub source: Option<String>,
+    /// Set when the train split's groups were inferred from the class labels
+    /// (`debiasdd infer-groups`) rather than annotated: the train split's attributes then index
+    /// these attribute names, while valid and test keep the annotated ones (what the evaluator
+    /// scores fairness on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inferred: Option<InferredGroups>,
+}
+
+/// How the train split's groups were inferred: the names of the inferred attributes and the
+/// method's settings and report (JSON). The train split's annotated attributes, when there were
+/// any, are kept apart in [`Dataset::true_train_attributes`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferredGroups {
+    /// One name per inferred attribute (for example `looks like 3` or `cluster 1`).
+    pub attributes: Vec<String>,
+    /// JSON: the inference method, its settings and its agreement report.
+    pub method: String,
 }
 
 impl DatasetInfo {
@@ -200,15 +225,29 @@ impl DatasetInfo {
             attributes,
             attribute_colours: None,
             source: None,
+            inferred: None,
         };
         info.validate()?;
         Ok(info)
     }
 
-    /// The group layout: classes x attributes.
+    /// The group layout of the annotated attributes (valid and test; train too unless its
+    /// groups were inferred): classes x attributes.
     pub fn spec(&self) -> GroupSpec {
         GroupSpec::new(self.classes.len().max(1), self.attributes.len().max(1))
             .expect("at least one class and attribute")
+    }
+
+    /// The group layout of the train split: classes x inferred attributes when its groups were
+    /// inferred, else [`DatasetInfo::spec`].
+    pub fn train_spec(&self) -> GroupSpec {
+        match &self.inferred {
+            Some(inferred) => {
+                GroupSpec::new(self.classes.len().max(1), inferred.attributes.len().max(1))
+                    .expect("at least one class and attribute")
+            }
+            None => self.spec(),
+        }
     }
 
     /// Checks counts against each other and the limits of the file format.
@@ -217,6 +256,10 @@ impl DatasetInfo {
         for (field, n) in [
             ("classes", self.classes.len()),
             ("attributes", self.attributes.len()),
+            (
+                "inferred.attributes",
+                self.inferred.as_ref().map_or(1, |i| i.attributes.len()),
+            ),
         ] {
             if n == 0 {
                 return Err(DataError::invalid(
@@ -231,16 +274,21 @@ impl DatasetInfo {
                 ));
             }
         }
-        if self.classes.len() * self.attributes.len() > usize::from(u16::MAX) {
-            return Err(DataError::invalid(
-                "attributes",
-                format!(
-                    "{} classes x {} attributes is more groups than the {} supported",
-                    self.classes.len(),
-                    self.attributes.len(),
-                    u16::MAX
-                ),
-            ));
+        let inferred = self.inferred.as_ref().map_or(0, |i| i.attributes.len());
+        for (field, n) in [
+            ("attributes", self.attributes.len()),
+            ("inferred.attributes", inferred),
+        ] {
+            if self.classes.len() * n > usize::from(u16::MAX) {
+                return Err(DataError::invalid(
+                    field,
+                    format!(
+                        "{} classes x {n} attributes is more groups than the {} supported",
+                        self.classes.len(),
+                        u16::MAX
+                    ),
+                ));
+            }
         }
         if self.aligned.len() != self.classes.len() {
             return Err(DataError::invalid(
@@ -287,6 +335,10 @@ pub struct Dataset {
     pub train: Split,
     pub valid: Split,
     pub test: Split,
+    /// When the train split's groups were inferred (`info.inferred`): its annotated attributes,
+    /// kept apart for reports (agreement of the inferred groups with the annotated ones). Never
+    /// read by distillation or training. `None` otherwise.
+    pub true_train_attributes: Option<Vec<Option<u8>>>,
 }
 
 impl Dataset {
@@ -302,17 +354,67 @@ impl Dataset {
             train,
             valid,
             test,
+            true_train_attributes: None,
         };
         data.validate()?;
         Ok(data)
     }
 
+    /// This dataset with the train split's groups replaced by inferred ones: `attributes[i]` is
+    /// the inferred attribute of train image `i` (indexing `inferred.attributes`). The annotated
+    /// train attributes move to [`Dataset::true_train_attributes`]; valid and test are kept.
+    pub fn with_inferred_train_groups(
+        mut self,
+        inferred: InferredGroups,
+        attributes: Vec<Option<u8>>,
+    ) -> Result<Self, DataError> {
+        let truth = match self.true_train_attributes.take() {
+            // Inferring again from an inferred dataset: the annotations stay the originals.
+            Some(truth) => truth,
+            None => std::mem::take(&mut self.train.attributes),
+        };
+        self.info.inferred = Some(inferred);
+        self.train.spec = self.info.train_spec();
+        self.train.attributes = attributes;
+        self.true_train_attributes = Some(truth);
+        self.validate()?;
+        Ok(self)
+    }
+
     /// See [`Dataset::new`].
     pub fn validate(&self) -> Result<(), DataError> {
         self.info.validate()?;
-        let spec = self.spec();
+        match (&self.info.inferred, &self.true_train_attributes) {
+            (Some(_), Some(truth)) => {
+                if truth.len() != self.train.len() {
+                    return Err(DataError::invalid(
+                        "train.true_attributes",
+                        format!("{} attributes for {} images", truth.len(), self.train.len()),
+                    ));
+                }
+                check_attributes(truth, self.spec(), "train.true_attributes")?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(DataError::invalid(
+                    "train.true_attributes",
+                    "missing; a dataset with inferred groups keeps the annotated ones apart",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(DataError::invalid(
+                    "info.inferred",
+                    "missing, yet annotated train attributes are kept apart",
+                ));
+            }
+        }
         for name in SPLIT_NAMES {
             let split = self.split(name).expect("known split");
+            let spec = if name == "train" {
+                self.info.train_spec()
+            } else {
+                self.spec()
+            };
             if split.shape != self.info.shape {
                 return Err(DataError::invalid(
                     format!("{name}.images"),
@@ -345,8 +447,18 @@ impl Dataset {
         Ok(())
     }
 
+    /// The group layout of valid and test (the annotated attributes); see
+    /// [`DatasetInfo::train_spec`] for the train split's.
     pub fn spec(&self) -> GroupSpec {
         self.info.spec()
+    }
+
+    /// The annotated attributes of the train split: kept apart when its groups were inferred,
+    /// the split's own otherwise.
+    pub fn annotated_train_attributes(&self) -> &[Option<u8>] {
+        self.true_train_attributes
+            .as_deref()
+            .unwrap_or(&self.train.attributes)
     }
 
     pub fn shape(&self) -> ImageShape {
@@ -367,13 +479,23 @@ impl Dataset {
     /// most of the class's training images have (ties to the lower index); `None` for a class
     /// without a training image of known attribute.
     pub fn aligned_attributes(&self) -> Vec<Option<u8>> {
-        let counts = self.train.group_index().counts();
         let spec = self.spec();
+        let mut counts = vec![0usize; spec.n_groups()];
+        for (&label, attribute) in self
+            .train
+            .labels
+            .iter()
+            .zip(self.annotated_train_attributes())
+        {
+            if let Some(a) = attribute {
+                counts[usize::from(label) * spec.n_attributes() + usize::from(*a)] += 1;
+            }
+        }
         (0..spec.n_classes())
             .map(|class| {
                 self.info.aligned[class].or_else(|| {
                     let row: Vec<usize> = (0..spec.n_attributes())
-                        .map(|a| counts.get(class * spec.n_attributes() + a))
+                        .map(|a| counts[class * spec.n_attributes() + a])
                         .collect();
                     let best = row.iter().copied().max().unwrap_or(0);
                     (best > 0)

@@ -7,6 +7,10 @@
 //! attribute colours, source) and, for a quick look without JSON, `name`, `shape` (`CxHxW`),
 //! `n_classes`, `n_attributes`. Keys are sorted, so equal datasets give byte-identical files.
 //!
+//! A dataset whose train groups were inferred (`info.inferred`) stores the inferred attributes
+//! as `train.attributes` (in 0..inferred attributes) and the annotated ones, kept apart, as
+//! `train.true_attributes` (I64, N, -1 where unknown).
+//!
 //! [`load`] also reads the Colored MNIST files of earlier versions (`debiasdd-cmnist/1`: 3 x 28
 //! x 28, 10 digits x 10 colours, the attribute stored as `<split>.colours`).
 
@@ -54,11 +58,15 @@ pub fn save(data: &Dataset, path: &Path) -> Result<(), DataError> {
             format!("{name}.attributes"),
             Dtype::I64,
             vec![n],
-            split
-                .attributes
-                .iter()
-                .flat_map(|a| a.map_or(-1, i64::from).to_le_bytes())
-                .collect(),
+            attribute_bytes(&split.attributes),
+        ));
+    }
+    if let Some(truth) = &data.true_train_attributes {
+        buffers.push((
+            "train.true_attributes".into(),
+            Dtype::I64,
+            vec![truth.len()],
+            attribute_bytes(truth),
         ));
     }
     let views = buffers
@@ -86,6 +94,14 @@ pub fn save(data: &Dataset, path: &Path) -> Result<(), DataError> {
     .collect();
     let bytes = serialize_sorted(views, metadata).map_err(write_err)?;
     write_atomically(path, &bytes).map_err(|e| write_err(e.to_string()))
+}
+
+/// Attributes as little-endian I64, -1 where unknown.
+fn attribute_bytes(attributes: &[Option<u8>]) -> Vec<u8> {
+    attributes
+        .iter()
+        .flat_map(|a| a.map_or(-1, i64::from).to_le_bytes())
+        .collect()
 }
 
 /// A safetensors file read whole, with its metadata; errors name the file.
@@ -163,6 +179,7 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
     let [c, h, w] = info.shape.dims();
     let ints = |name: &str, n: usize| i64_vector(&tensors, name, n, &bad);
     let mut splits = Vec::with_capacity(3);
+    let mut true_train_attributes = None;
     for name in SPLIT_NAMES {
         let images = typed_tensor(&tensors, &format!("{name}.images"), Dtype::U8, &bad)?;
         let n = images.shape().first().copied().unwrap_or(0);
@@ -174,26 +191,25 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
         }
         let labels_name = format!("{name}.labels");
         let labels = class_labels(ints(&labels_name, n)?, &labels_name, spec.n_classes(), &bad)?;
-        let attributes = ints(&format!("{name}.{attribute_key}"), n)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| match a {
-                -1 => Ok(None),
-                _ => u8::try_from(a)
-                    .ok()
-                    .filter(|&a| usize::from(a) < spec.n_attributes())
-                    .map(Some)
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "`{name}.{attribute_key}`[{i}] = {a} is neither -1 (unknown) nor in 0..{}",
-                            spec.n_attributes()
-                        ))
-                    }),
-            })
-            .collect::<Result<Vec<Option<u8>>, _>>()?;
+        let split_spec = if name == "train" {
+            info.train_spec()
+        } else {
+            spec
+        };
+        let key = format!("{name}.{attribute_key}");
+        let attributes = attributes_of(ints(&key, n)?, &key, split_spec.n_attributes(), &bad)?;
+        if name == "train" && info.inferred.is_some() {
+            let key = "train.true_attributes";
+            true_train_attributes = Some(attributes_of(
+                ints(key, n)?,
+                key,
+                spec.n_attributes(),
+                &bad,
+            )?);
+        }
         splits.push(Split {
             shape: info.shape,
-            spec,
+            spec: split_spec,
             images: images.data().to_vec(),
             labels,
             attributes,
@@ -202,7 +218,40 @@ pub fn load(path: &Path) -> Result<Dataset, DataError> {
     let test = splits.pop().expect("three splits");
     let valid = splits.pop().expect("three splits");
     let train = splits.pop().expect("three splits");
-    Dataset::new(info, train, valid, test).map_err(|e| bad(e.to_string()))
+    let data = Dataset {
+        info,
+        train,
+        valid,
+        test,
+        true_train_attributes,
+    };
+    data.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(data)
+}
+
+/// Attributes stored as I64 (-1: unknown), each checked to be in `0..n_attributes`.
+fn attributes_of(
+    values: Vec<i64>,
+    key: &str,
+    n_attributes: usize,
+    bad: &dyn Fn(String) -> DataError,
+) -> Result<Vec<Option<u8>>, DataError> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| match a {
+            -1 => Ok(None),
+            _ => u8::try_from(a)
+                .ok()
+                .filter(|&a| usize::from(a) < n_attributes)
+                .map(Some)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`{key}`[{i}] = {a} is neither -1 (unknown) nor in 0..{n_attributes}"
+                    ))
+                }),
+        })
+        .collect()
 }
 
 /// The info of a dataset file from its metadata, and the name its attribute tensors have.
@@ -303,6 +352,7 @@ fn legacy_cmnist_info(metadata: &HashMap<String, String>) -> DatasetInfo {
         "source_sha256": metadata.get("source_sha256"),
     });
     DatasetInfo {
+        inferred: None,
         name: format!("cmnist-{preset}"),
         shape: ImageShape {
             channels: 3,

@@ -37,7 +37,7 @@ pub mod preview;
 mod shape;
 mod synthetic;
 
-pub use dataset::{Dataset, DatasetInfo, SPLIT_NAMES, Split};
+pub use dataset::{Dataset, DatasetInfo, InferredGroups, SPLIT_NAMES, Split};
 pub use error::DataError;
 pub use file::{serialize_sorted, write_atomically};
 pub use image_set::{ImageSet, Normalization, Stratify, random_real_subset};

@@ -90,16 +90,16 @@ pub fn evaluate(
         ));
     }
     let test = &data.test;
-    if train.shape != test.shape || train.spec != test.spec {
+    // Classes must agree; attributes may not (a set distilled over inferred groups has the
+    // inferred attributes, the test split the annotated ones).
+    if train.shape != test.shape || train.spec.n_classes() != test.spec.n_classes() {
         return Err(EvalError::InvalidConfig(format!(
-            "the training set is {} images of {} classes x {} attributes, the test split {} of \
-             {} x {}: score a set on the dataset it was made from",
+            "the training set is {} images of {} classes, the test split {} of {}: score a set \
+             on the dataset it was made from",
             train.shape,
             train.spec.n_classes(),
-            train.spec.n_attributes(),
             test.shape,
             test.spec.n_classes(),
-            test.spec.n_attributes()
         )));
     }
     let unknown = test.attributes.iter().filter(|a| a.is_none()).count();
