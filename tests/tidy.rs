@@ -153,7 +153,9 @@ fn the_code_map_names_files_that_exist() {
 #[test]
 fn only_the_generators_know_the_benchmark_sizes() {
     let root = root();
-    let layers = ["data", "eval", "distill", "model", "augment", "groups"];
+    let layers = [
+        "data", "eval", "distill", "infer", "model", "augment", "groups",
+    ];
     let needles = [
         "COLORED_MNIST",
         "IMAGE_BYTES",
