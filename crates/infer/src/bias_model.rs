@@ -7,7 +7,7 @@
 
 use candle_core::{D, DType, Device, Tensor};
 use debiasdd_data::{ImageSet, Normalization};
-use debiasdd_model::backend::Route;
+use debiasdd_model::backend::{Route, SampleLoss};
 use debiasdd_model::optim::Sgd;
 use debiasdd_model::{ModelConfig, Network};
 use rand::SeedableRng;
@@ -31,6 +31,10 @@ pub fn gce_loss(logits: &Tensor, labels: &Tensor, q: f64) -> candle_core::Result
 
 /// Trains a fresh bias model on `set` (its labels only) for `config.epochs` passes; `seed` fixes
 /// its initialisation and batch order. `on_epoch(epoch, mean loss, train accuracy %)`.
+///
+/// The step's gradient comes from the native CPU kernels where [`Route::select`] picks them
+/// (GCE enters only through d loss / d logits), from candle's autograd through [`gce_loss`]
+/// elsewhere; the two agree (tested).
 pub fn train_bias_model(
     set: &ImageSet,
     norm: &Normalization,
@@ -49,6 +53,11 @@ pub fn train_bias_model(
     let net = Network::new(&model, &mut rng, device, DType::F32)?;
     let (images, labels) = set.to_tensors(norm, device, DType::F32)?;
     let mut sgd = Sgd::new(net.vars(), config.sgd)?;
+    // The native CPU kernels when they apply (about three times faster than autograd).
+    let route = match net.config() {
+        ModelConfig::ConvNet(c) => Route::select(net.device(), net.dtype(), c).map(|r| (r, c)),
+        _ => None,
+    };
     let n = set.len();
     for epoch in 0..config.epochs {
         let mut order: Vec<u32> = (0..n as u32).collect();
@@ -58,13 +67,28 @@ pub fn train_bias_model(
             let index = Tensor::new(batch, device)?;
             let xs = images.index_select(&index, 0)?;
             let ys = labels.index_select(&index, 0)?;
-            let logits = net.forward_t(&xs, true)?;
-            let loss = gce_loss(&logits, &ys, config.q)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                return Err(InferError::NonFiniteLoss { fold, epoch });
-            }
-            sgd.backward_step(&loss)?;
+            let gce = SampleLoss::GeneralizedCrossEntropy { q: config.q };
+            let native = route.and_then(|(route, c)| {
+                let params: Vec<Tensor> =
+                    net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+                route.native_batch_gradients(c, &params, &xs, &ys, gce)
+            });
+            let (logits, value) = match native {
+                Some(out) => {
+                    let (grads, value, logits) = out?;
+                    check_finite(value, fold, epoch)?;
+                    sgd.step_tensors(&grads)?;
+                    (logits, value)
+                }
+                None => {
+                    let logits = net.forward_t(&xs, true)?;
+                    let loss = gce_loss(&logits, &ys, config.q)?;
+                    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    check_finite(value, fold, epoch)?;
+                    sgd.backward_step(&loss)?;
+                    (logits, value)
+                }
+            };
             loss_sum += value * batch.len() as f64;
             correct += logits
                 .argmax(D::Minus1)?
@@ -80,6 +104,14 @@ pub fn train_bias_model(
         );
     }
     Ok(net)
+}
+
+fn check_finite(value: f64, fold: usize, epoch: usize) -> Result<(), InferError> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(InferError::NonFiniteLoss { fold, epoch })
+    }
 }
 
 /// What the bias model says of a set of images.
@@ -139,6 +171,56 @@ pub fn judge(net: &Network, set: &ImageSet, norm: &Normalization) -> Result<Verd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The native kernels' GCE gradient equals autograd's through [`gce_loss`].
+    #[test]
+    fn native_gce_gradients_match_autograd() -> anyhow::Result<()> {
+        use debiasdd_model::ConvNetConfig;
+        use rand::Rng;
+        let config = ConvNetConfig {
+            in_channels: 3,
+            image_size: 8,
+            n_classes: 4,
+            width: 4,
+            depth: 2,
+            ..ConvNetConfig::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let net = Network::new(
+            &ModelConfig::ConvNet(config.clone()),
+            &mut rng,
+            &Device::Cpu,
+            DType::F64,
+        )?;
+        let xs: Vec<f64> = (0..6 * 3 * 64)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let xs = Tensor::from_vec(xs, (6, 3, 8, 8), &Device::Cpu)?;
+        let ys = Tensor::new(&[0u32, 1, 2, 3, 1, 0], &Device::Cpu)?;
+        let params: Vec<Tensor> = net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+        let (native, loss, _) = Route::native()
+            .native_batch_gradients(
+                &config,
+                &params,
+                &xs,
+                &ys,
+                SampleLoss::GeneralizedCrossEntropy { q: 0.7 },
+            )
+            .expect("the CPU route is native")?;
+        let reference = gce_loss(&net.forward_t(&xs, true)?, &ys, 0.7)?;
+        assert!((loss - reference.to_scalar::<f64>()?).abs() < 1e-12);
+        let grads = reference.backward()?;
+        for (var, g) in net.vars().iter().zip(&native) {
+            let want = grads.get(var.as_tensor()).expect("gradient");
+            let diff = (want - g)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
+            assert!(diff < 1e-10, "max difference {diff}");
+        }
+        Ok(())
+    }
 
     /// GCE's gradient with respect to the logits is `q * p_y^q` times cross-entropy's, checked
     /// against a hand computation on one sample.

@@ -186,6 +186,16 @@ fn softmax(logits: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(1)?)
 }
 
+/// The per-sample loss a training gradient is of.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SampleLoss {
+    /// Cross-entropy.
+    CrossEntropy,
+    /// LfF's generalised cross-entropy as its code writes it: `CE * q * p_y^q` with `p_y` (the
+    /// softmax probability of the label) held constant, so easy samples weigh most.
+    GeneralizedCrossEntropy { q: f64 },
+}
+
 /// Gradients of every segment's mean cross-entropy, with the forward pass's results.
 #[derive(Debug)]
 pub struct SegmentGradients {
@@ -417,6 +427,34 @@ impl Route {
             .map(|g| g.squeeze(0))
             .collect::<Result<Vec<_>>>()?;
         Ok((grads, out.losses[0]))
+    }
+
+    /// [`Route::batch_gradients`] for another per-sample `loss`, on the native CPU kernels (the
+    /// loss enters only through d loss / d logits, computed from the same forward pass);
+    /// `None` on other routes, whose callers use autograd.
+    pub fn native_batch_gradients(
+        &self,
+        config: &ConvNetConfig,
+        params: &[Tensor],
+        xs: &Tensor,
+        labels: &Tensor,
+        loss: SampleLoss,
+    ) -> Option<Result<(Vec<Tensor>, f64, Tensor)>> {
+        if self.untracked != Untracked::Native {
+            return None;
+        }
+        let (xs, params) = detached(xs, params);
+        let run = || {
+            let segments = Segments::uniform(1, xs.dim(0)?)?;
+            let out = cpu::segment_gradients_of(config, &params, &xs, labels, &segments, loss)?;
+            let grads = out
+                .grads
+                .into_iter()
+                .map(|g| g.squeeze(0))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((grads, out.losses[0], out.logits))
+        };
+        Some(run())
     }
 
     /// [`Backend::logits`] on detached inputs.

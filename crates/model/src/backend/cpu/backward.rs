@@ -11,7 +11,7 @@ use super::im2col::{col2im, cols_to_weight, permute_channels, swap_last_two};
 use super::norm::{bias_act_backward, instance_norm_act_backward, negative_slope, pool_backward};
 use super::{Real, tensor_vec};
 use crate::ConvNetConfig;
-use crate::backend::{SegmentGradients, Segments};
+use crate::backend::{SampleLoss, SegmentGradients, Segments};
 use crate::convnet::{BlockParams, ConvNetLayout, ConvNetParams};
 
 /// The forward and backward passes of a batch `xs` with `labels`: every segment's parameter
@@ -22,6 +22,7 @@ pub(super) fn segment_gradients<T: Real>(
     xs: &Tensor,
     labels: &[u32],
     segments: &Segments,
+    loss: SampleLoss,
 ) -> Result<SegmentGradients> {
     let n = xs.dim(0)?;
     let layout = ConvNetLayout::new(config);
@@ -38,7 +39,8 @@ pub(super) fn segment_gradients<T: Real>(
     } = forward_pass::<T>(config, params, xs, true)?;
     let feat_dim = h * w * c;
 
-    // Cross-entropy per sample and d(segment mean)/d logits.
+    // The loss per sample and d(segment mean)/d logits: cross-entropy, or GCE = w * CE with
+    // w = q * p_y^q = q * exp(-q * CE) held constant.
     let mut sample_segment = Vec::with_capacity(n);
     for (seg, (_, len)) in segments.ranges().enumerate() {
         sample_segment.extend(std::iter::repeat_n((seg, len), len));
@@ -54,11 +56,19 @@ pub(super) fn segment_gradients<T: Real>(
         let sum: T = row.iter().map(|&l| (l - max).exp()).sum();
         let label = labels[i] as usize;
         let (seg, len) = sample_segment[i];
-        let inv_len = T::from(len).expect("length fits").recip();
-        losses[seg] += ((sum.ln() + max - row[label]).to_f64()) / len as f64;
+        let ce = sum.ln() + max - row[label];
+        let weight = match loss {
+            SampleLoss::CrossEntropy => T::one(),
+            SampleLoss::GeneralizedCrossEntropy { q } => {
+                let q = T::from(q).expect("q fits");
+                q * (-q * ce).exp()
+            }
+        };
+        let scale = weight * T::from(len).expect("length fits").recip();
+        losses[seg] += (weight * ce).to_f64() / len as f64;
         for (j, (d, &l)) in drow.iter_mut().zip(row).enumerate() {
             let p = (l - max).exp() / sum;
-            *d = (p - if j == label { T::one() } else { T::zero() }) * inv_len;
+            *d = (p - if j == label { T::one() } else { T::zero() }) * scale;
         }
     }
 

@@ -36,7 +36,7 @@ mod tangent;
 use candle_core::{DType, Result, Tensor, WithDType};
 use num_traits::Float;
 
-use super::{Backend, SegmentGradients, Segments};
+use super::{Backend, SampleLoss, SegmentGradients, Segments};
 use crate::ConvNetConfig;
 use crate::convnet::{ConvNetLayout, ConvNetParams, unsupported_reason};
 
@@ -129,10 +129,33 @@ pub fn segment_gradients(
     labels: &Tensor,
     segments: &Segments,
 ) -> Result<SegmentGradients> {
+    segment_gradients_of(
+        config,
+        params,
+        xs,
+        labels,
+        segments,
+        SampleLoss::CrossEntropy,
+    )
+}
+
+/// [`segment_gradients`] of another per-sample loss (the segment means of `loss`).
+pub fn segment_gradients_of(
+    config: &ConvNetConfig,
+    params: &[Tensor],
+    xs: &Tensor,
+    labels: &Tensor,
+    segments: &Segments,
+    loss: SampleLoss,
+) -> Result<SegmentGradients> {
     let labels = check_inputs(config, params, xs, labels, segments)?;
     match xs.dtype() {
-        DType::F32 => backward::segment_gradients::<f32>(config, params, xs, &labels, segments),
-        DType::F64 => backward::segment_gradients::<f64>(config, params, xs, &labels, segments),
+        DType::F32 => {
+            backward::segment_gradients::<f32>(config, params, xs, &labels, segments, loss)
+        }
+        DType::F64 => {
+            backward::segment_gradients::<f64>(config, params, xs, &labels, segments, loss)
+        }
         dtype => candle_core::bail!("native kernels: unsupported dtype {dtype:?}"),
     }
 }
