@@ -10,6 +10,7 @@ mod distill;
 mod evaluate;
 mod generate;
 mod import;
+mod infer;
 mod net_args;
 mod progress;
 mod subset;
@@ -49,6 +50,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Turn your own PNG/JPEG images (a CSV list or an image folder) into a dataset file.
     Import(import::ImportArgs),
+    /// Infer the train split's groups from class labels alone (a GCE bias model, cross-fitted)
+    /// and write the dataset with them, with a report of their agreement with any annotations.
+    InferGroups(infer::InferArgs),
     /// Train networks on a dataset's train split (ERM or group-balanced ERM) and score them.
     Train(train::TrainArgs),
     /// Train K fresh networks on a synthetic set with the DC protocol and score them.
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args).map(|()| done),
         Command::Import(args) => import::run(args).map(|()| done),
+        Command::InferGroups(args) => infer::run(args).map(|()| done),
         Command::Train(args) => train::run(args).map(|()| done),
         Command::Evaluate(args) => evaluate::run(args).map(|()| done),
         Command::Distill(args) => distill::run(args).map(|outcome| match outcome {

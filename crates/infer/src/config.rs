@@ -54,6 +54,11 @@ impl std::str::FromStr for GroupingMethod {
 
 /// Every setting of group inference. The bias model is a ConvNet trained on the class labels
 /// alone with LfF's generalised cross-entropy; it is never told what the bias is.
+///
+/// The defaults (width 16, 2 epochs, SGD lr 0.05 with momentum 0.9) were chosen on Colored MNIST
+/// at ratio 0.01 (README): a small model trained briefly takes the shortcut and little else;
+/// width 32 learned more digit shape (80 % of the conflicting images labelled right against
+/// 88 %), lr 0.01 left colours confused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InferConfig {
@@ -85,14 +90,14 @@ impl Default for InferConfig {
             q: 0.7,
             folds: 2,
             model: ModelConfig::ConvNet(ConvNetConfig {
-                width: 32,
+                width: 16,
                 depth: 3,
                 ..ConvNetConfig::default()
             }),
             epochs: 2,
             batch_size: 256,
             sgd: SgdConfig {
-                lr: 0.01,
+                lr: 0.05,
                 momentum: 0.9,
                 weight_decay: 5e-4,
                 nesterov: false,
