@@ -270,6 +270,28 @@ impl BarState {
                     }
                 ),
             ),
+            Event::Inferred {
+                path,
+                computed,
+                report,
+            } => say(
+                bar,
+                format!(
+                    "inferred groups: {} {} ({}; held-out accuracy {:.1} %, {} flagged conflicting{})",
+                    if computed { "wrote" } else { "cached" },
+                    path.display(),
+                    report.method.name(),
+                    report.held_out_accuracy,
+                    report.flagged_conflicting,
+                    report.agreement.as_ref().map_or(String::new(), |a| format!(
+                        "; bias label {:.1} % right, {} on conflicting, ARI {:.3}",
+                        a.bias_label_accuracy,
+                        a.bias_label_accuracy_conflicting
+                            .map_or("n/a".into(), |v| format!("{v:.1} %")),
+                        a.adjusted_rand_index
+                    ))
+                ),
+            ),
             Event::CellStarted { cell, .. } => {
                 self.current_cost = cell.cost(config);
                 bar.set_prefix(format!("cells {}/{}  {}", self.done, self.total, cell.id()));

@@ -24,7 +24,16 @@ impl Method {
     /// Short, file-name-safe name (`dc-group`, `random-class`, `erm`).
     pub fn slug(self) -> String {
         match self {
-            Method::Distill(d) => format!("{}-{}", d.method.name(), d.mode.name()),
+            Method::Distill(d) => format!(
+                "{}-{}{}",
+                d.method.name(),
+                d.mode.name(),
+                if d.groups.is_annotated() {
+                    ""
+                } else {
+                    "-inferred"
+                }
+            ),
             Method::Floor(Stratify::Class) => "random-class".into(),
             Method::Floor(Stratify::Group) => "random-group".into(),
             Method::Baseline(Sampling::Shuffle) => "erm".into(),
@@ -35,7 +44,16 @@ impl Method {
     /// Name in tables and legends (`DC group-wise (debiased)`).
     pub fn label(self) -> String {
         match self {
-            Method::Distill(d) => format!("{} {}", d.method.label(), d.mode.label()),
+            Method::Distill(d) => format!(
+                "{} {}{}",
+                d.method.label(),
+                d.mode.label(),
+                if d.groups.is_annotated() {
+                    ""
+                } else {
+                    ", inferred groups"
+                }
+            ),
             Method::Floor(Stratify::Class) => "random real, class-stratified".into(),
             Method::Floor(Stratify::Group) => "random real, group-stratified".into(),
             Method::Baseline(Sampling::Shuffle) => "full data, ERM".into(),
@@ -128,6 +146,10 @@ pub fn plan(config: &ReproduceConfig) -> Vec<Cell> {
 pub fn settings(config: &ReproduceConfig, cell: &Cell) -> serde_json::Value {
     let eval = eval_config(config, cell);
     let produce = match cell.method {
+        Method::Distill(d) if !d.groups.is_annotated() => Ok(serde_json::json!({
+            "distill": config.distill_config(d, cell.seed),
+            "groups": { "inferred": config.infer },
+        })),
         Method::Distill(d) => serde_json::to_value(config.distill_config(d, cell.seed)),
         Method::Floor(stratify) => Ok(serde_json::json!({
             "method": "random-real-subset",
@@ -201,10 +223,10 @@ mod tests {
                 .all(|c| !matches!(c.method, Method::Baseline(_)))
         );
         assert!(ids.contains(&"r0.01-s0-dm-class-vs-group-mean".to_owned()));
-        let fairdd = Method::Distill(Distilled {
-            method: MethodKind::Dc,
-            mode: MatchMode::ClassVsGroups,
-        });
+        let fairdd = Method::Distill(Distilled::annotated(
+            MethodKind::Dc,
+            MatchMode::ClassVsGroups,
+        ));
         assert_eq!(fairdd.slug(), "dc-class-vs-groups");
         assert_eq!(fairdd.label(), "DC class-vs-groups (FairDD)");
     }
@@ -217,10 +239,10 @@ mod tests {
             seed: 0,
             method,
         };
-        let distill = cell(Method::Distill(Distilled {
-            method: MethodKind::Dc,
-            mode: MatchMode::Class,
-        }))
+        let distill = cell(Method::Distill(Distilled::annotated(
+            MethodKind::Dc,
+            MatchMode::Class,
+        )))
         .cost(&config);
         let floor = cell(Method::Floor(Stratify::Group)).cost(&config);
         assert!(distill > 2.0 * floor, "{distill} vs {floor}");

@@ -9,6 +9,7 @@ use debiasdd_distill::{DistillConfig, Init, MatchMode, MethodKind, Preset};
 use debiasdd_eval::augment::Augment;
 use debiasdd_eval::evaluate::EvalConfig;
 use debiasdd_eval::train::TrainConfig;
+use debiasdd_infer::InferConfig;
 use debiasdd_model::{ConvNetConfig, ModelConfig};
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +123,38 @@ impl DistillSettings {
 pub struct Distilled {
     pub method: MethodKind,
     pub mode: MatchMode,
+    /// Whose groups the strata read: the dataset's annotations, or groups inferred from the
+    /// class labels alone (`debiasdd_infer`, with the grid's `infer` settings).
+    #[serde(default, skip_serializing_if = "GroupSource::is_annotated")]
+    pub groups: GroupSource,
+}
+
+impl Distilled {
+    /// `method` over `mode` with the annotated groups.
+    pub fn annotated(method: MethodKind, mode: MatchMode) -> Self {
+        Self {
+            method,
+            mode,
+            groups: GroupSource::Annotated,
+        }
+    }
+}
+
+/// Where a distillation's groups come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupSource {
+    /// The dataset's own attributes.
+    #[default]
+    Annotated,
+    /// Inferred from the class labels (the annotations are only compared against).
+    Inferred,
+}
+
+impl GroupSource {
+    pub fn is_annotated(&self) -> bool {
+        *self == GroupSource::Annotated
+    }
 }
 
 /// Every setting of a reproduction.
@@ -150,6 +183,9 @@ pub struct ReproduceConfig {
     pub baselines: bool,
     /// Distillation checkpoints every this many iterations (and on Ctrl-C).
     pub checkpoint_every: usize,
+    /// How the distillations over inferred groups infer them (once per ratio and seed).
+    #[serde(default)]
+    pub infer: InferConfig,
 }
 
 /// A given dataset file and its attribute count (the group floor draws `ipc / n_attributes`
@@ -191,10 +227,16 @@ impl ReproduceConfig {
         let over = |method: MethodKind, modes: &[MatchMode]| -> Vec<Distilled> {
             modes
                 .iter()
-                .map(|&mode| Distilled { method, mode })
+                .map(|&mode| Distilled::annotated(method, mode))
                 .collect()
         };
         let class_group = [MatchMode::Class, MatchMode::Group];
+        // Group-wise over inferred groups, for DC and DM.
+        let inferred = [MethodKind::Dc, MethodKind::Dm].map(|method| Distilled {
+            method,
+            mode: MatchMode::Group,
+            groups: GroupSource::Inferred,
+        });
         match preset {
             ReproducePreset::Demo => Self {
                 preset,
@@ -222,6 +264,7 @@ impl ReproduceConfig {
                 baseline: quick_baseline,
                 baselines: false,
                 checkpoint_every: 5,
+                infer: InferConfig::default(),
             },
             ReproducePreset::Quick => Self {
                 preset,
@@ -229,6 +272,7 @@ impl ReproduceConfig {
                 distillations: [
                     over(MethodKind::Dc, &class_group),
                     over(MethodKind::Dm, &MatchMode::ALL),
+                    inferred.to_vec(),
                 ]
                 .concat(),
                 seeds: vec![0],
@@ -242,6 +286,7 @@ impl ReproduceConfig {
                 baseline: quick_baseline,
                 baselines: true,
                 checkpoint_every: 5,
+                infer: InferConfig::default(),
             },
             ReproducePreset::Paper => Self {
                 preset,
@@ -249,6 +294,7 @@ impl ReproduceConfig {
                 distillations: [
                     over(MethodKind::Dc, &MatchMode::ALL),
                     over(MethodKind::Dm, &MatchMode::ALL),
+                    inferred.to_vec(),
                 ]
                 .concat(),
                 seeds: vec![0, 1, 2],
@@ -269,6 +315,7 @@ impl ReproduceConfig {
                 },
                 baselines: true,
                 checkpoint_every: 50,
+                infer: InferConfig::default(),
             },
         }
     }
@@ -344,6 +391,9 @@ impl ReproduceConfig {
     /// Checks the grid and every step's settings; the error names the setting and the fix.
     pub fn validate(&self) -> Result<(), ReproduceError> {
         let invalid = |problem: String| Err(ReproduceError::InvalidConfig(problem));
+        if let Err(e) = self.infer.validate() {
+            return invalid(format!("infer: {e}"));
+        }
         if self.ratios.is_empty() || self.distillations.is_empty() || self.seeds.is_empty() {
             return invalid(
                 "the grid needs at least one ratio, one distillation (method over strata) and one seed; check --methods and --modes against the preset's distillations".into(),
@@ -405,10 +455,7 @@ mod tests {
         // DM keeps its own init and augmentation, and the grid's iteration count.
         let quick = ReproduceConfig::preset(ReproducePreset::Quick);
         let dm = quick.distill_config(
-            Distilled {
-                method: MethodKind::Dm,
-                mode: MatchMode::ClassVsGroupMean,
-            },
+            Distilled::annotated(MethodKind::Dm, MatchMode::ClassVsGroupMean),
             0,
         );
         assert_eq!(dm.settings.iterations, QUICK_DM_ITERATIONS);
@@ -416,10 +463,7 @@ mod tests {
         assert!(dm.settings.dsa.is_some());
         let paper = ReproduceConfig::preset(ReproducePreset::Paper);
         assert_eq!(paper.seeds.len(), 3);
-        let dc = |mode| Distilled {
-            method: MethodKind::Dc,
-            mode,
-        };
+        let dc = |mode| Distilled::annotated(MethodKind::Dc, mode);
         let distill = paper.distill_config(dc(MatchMode::Group), 2).settings;
         assert_eq!((distill.model.width, distill.iterations), (128, 1000));
         assert_eq!(distill.seed, 2);

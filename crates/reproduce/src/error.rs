@@ -37,6 +37,8 @@ pub enum ReproduceError {
     Eval(Box<debiasdd_eval::EvalError>),
     #[error(transparent)]
     Data(Box<debiasdd_data::DataError>),
+    #[error("inferring groups: {0}")]
+    Infer(Box<debiasdd_infer::InferError>),
 }
 
 macro_rules! boxed_from {
@@ -53,7 +55,8 @@ boxed_from!(
     Cmnist(debiasdd_cmnist::CmnistError),
     Distill(debiasdd_distill::DistillError),
     Eval(debiasdd_eval::EvalError),
-    Data(debiasdd_data::DataError)
+    Data(debiasdd_data::DataError),
+    Infer(debiasdd_infer::InferError)
 );
 
 impl ReproduceError {

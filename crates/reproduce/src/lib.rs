@@ -23,7 +23,7 @@ pub mod store;
 pub mod summary;
 
 pub use cell::{Cell, Method, plan};
-pub use config::{DistillSettings, Distilled, ReproduceConfig, ReproducePreset};
+pub use config::{DistillSettings, Distilled, GroupSource, ReproduceConfig, ReproducePreset};
 pub use error::ReproduceError;
 pub use run::{Event, Outcome, run};
 pub use store::{CellResult, Paths};

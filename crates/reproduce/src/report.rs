@@ -43,10 +43,7 @@ pub struct Reference {
 
 /// DC over the strata `mode`.
 fn dc(mode: MatchMode) -> Method {
-    Method::Distill(Distilled {
-        method: MethodKind::Dc,
-        mode,
-    })
+    Method::Distill(Distilled::annotated(MethodKind::Dc, mode))
 }
 
 /// The published numbers of the protocol (§4, §8) that have a counterpart in a grid on
@@ -111,10 +108,7 @@ fn colored_mnist_references() -> Vec<Reference> {
     let fairdd_dm = "FairDD protocol (ReBias palette, binarised digits, 60k train), ipc 10, width 128, DM's 20,000 iterations";
     for (mode, accuracy) in [(MatchMode::Class, 25.0), (MatchMode::ClassVsGroups, 94.6)] {
         refs.push(Reference {
-            method: Method::Distill(Distilled {
-                method: MethodKind::Dm,
-                mode,
-            }),
+            method: Method::Distill(Distilled::annotated(MethodKind::Dm, mode)),
             ratio: 0.1,
             accuracy,
             setting: fairdd_dm,
@@ -147,7 +141,7 @@ pub fn write(config: &ReproduceConfig, paths: &Paths) -> Result<(), ReproduceErr
         .collect();
     let summary = summarise(config, &cells)?;
     let figures = figures::write_all(config, paths, &cells, &summary)?;
-    let markdown = markdown(config, &cells, &summary, &pending, &figures);
+    let markdown = markdown(config, paths, &cells, &summary, &pending, &figures);
     let results = Results {
         format: RESULTS_FORMAT.to_owned(),
         config: config.clone(),
@@ -182,6 +176,7 @@ fn ratio_header(config: &ReproduceConfig) -> String {
 /// The markdown report.
 fn markdown(
     config: &ReproduceConfig,
+    paths: &Paths,
     cells: &[CellResult],
     summary: &[MethodSummary],
     pending: &[String],
@@ -225,7 +220,7 @@ fn markdown(
     let distillation: Vec<String> = methods
         .iter()
         .map(|&method| {
-            let of = |mode| config.distill_config(Distilled { method, mode }, 0);
+            let of = |mode| config.distill_config(Distilled::annotated(method, mode), 0);
             let (d, dg) = (of(MatchMode::Class), of(MatchMode::Group));
             format!(
                 "Distillation ({}): ipc {}, width {}, {}, {} iterations from {} init, real batch {} \
@@ -338,6 +333,8 @@ fn markdown(
          sanity check of magnitudes, not as a reproduction of a table.\n\n",
     );
 
+    inferred_section(&mut md, config, paths);
+
     md.push_str("## Figures\n\n");
     for (ratio, method, columns, file) in &figures.synthetic {
         let _ = writeln!(
@@ -372,6 +369,56 @@ fn markdown(
         );
     }
     md
+}
+
+/// How the inferred groups of each (ratio, seed) agree with the annotations: the reports the
+/// runner wrote beside the inferred datasets.
+fn inferred_section(md: &mut String, config: &ReproduceConfig, paths: &Paths) {
+    let mut rows = Vec::new();
+    for &ratio in &config.ratios {
+        for &seed in &config.seeds {
+            let path = paths.inferred_file(ratio, seed).with_extension("json");
+            let report: Option<debiasdd_infer::InferReport> = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok());
+            if let Some(report) = report {
+                rows.push((ratio, seed, report));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str(
+        "## Inferred groups\n\nThe rows \"inferred groups\" distil over groups inferred from the \
+         class labels alone: a bias model (GCE, cross-fitted) per (ratio, seed); the annotations \
+         are only compared against. Bias label: share of train images whose inferred attribute \
+         names their annotated one (on all / on the bias-conflicting ones); ARI: adjusted Rand \
+         index of inferred vs annotated groups; precision and recall of the flagged \
+         bias-conflicting images.\n\n\
+         | ratio | seed | method | bias label (%) | on conflicting (%) | ARI | precision (%) | recall (%) | held-out acc. (%) | time (s) |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let opt = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
+    for (ratio, seed, r) in rows {
+        let a = r.agreement.as_ref();
+        let _ = writeln!(
+            md,
+            "| {ratio} | {seed} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} |",
+            r.method.name(),
+            opt(a.map(|a| a.bias_label_accuracy)),
+            opt(a.and_then(|a| a.bias_label_accuracy_conflicting)),
+            a.map_or("n/a".to_owned(), |a| format!(
+                "{:.3}",
+                a.adjusted_rand_index
+            )),
+            opt(a.and_then(|a| a.conflicting_precision)),
+            opt(a.and_then(|a| a.conflicting_recall)),
+            r.held_out_accuracy,
+            r.seconds
+        );
+    }
+    md.push('\n');
 }
 
 fn count(n: usize, one: &str, many: &str) -> String {

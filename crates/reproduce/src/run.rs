@@ -15,10 +15,11 @@ use debiasdd_cmnist::{ColoredMnistConfig, GreySource};
 use debiasdd_data::{Dataset, ImageSet, Normalization, SyntheticSet, random_real_subset};
 use debiasdd_distill::{Distiller, RunFiles, RunOutcome, drive};
 use debiasdd_eval::evaluate::{EvalProgress, evaluate};
+use debiasdd_infer::{InferProgress, InferReport};
 use rand::SeedableRng;
 
 use crate::cell::{Cell, Method, eval_config, floor_size, plan, settings};
-use crate::config::{Distilled, ReproduceConfig};
+use crate::config::{Distilled, GroupSource, ReproduceConfig};
 use crate::error::ReproduceError;
 use crate::report;
 use crate::store::{CellResult, Paths, finished, write_json};
@@ -39,6 +40,12 @@ pub enum Event<'a> {
         path: &'a Path,
         generated: bool,
         empty_groups: usize,
+    },
+    /// The train groups of a (ratio, seed) were inferred, or read from the results folder.
+    Inferred {
+        path: &'a Path,
+        computed: bool,
+        report: &'a InferReport,
     },
     /// A cell starts (or resumes).
     CellStarted {
@@ -126,6 +133,82 @@ fn dataset(
     Ok(data)
 }
 
+/// The dataset of a cell's (ratio, seed) with inferred train groups: read from the results
+/// folder (`inferred/r<ratio>-s<seed>.safetensors`, with its report as `.json`) when it was
+/// inferred with the grid's settings, inferred and written there otherwise.
+fn inferred_dataset(
+    config: &ReproduceConfig,
+    cell: &Cell,
+    data: &Dataset,
+    paths: &Paths,
+    device: &Device,
+    observer: &mut dyn FnMut(Event<'_>),
+) -> Result<Dataset, ReproduceError> {
+    let path = paths.inferred_file(cell.ratio, cell.seed);
+    let report_path = path.with_extension("json");
+    let config_seeded = debiasdd_infer::InferConfig {
+        seed: cell.seed,
+        ..config.infer.clone()
+    };
+    if path.exists() && report_path.exists() {
+        let report: InferReport = std::fs::read_to_string(&report_path)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .ok_or_else(|| ReproduceError::StaleDataset {
+                path: report_path.clone(),
+                problem: "unreadable inference report".into(),
+            })?;
+        if report.config == config_seeded {
+            let inferred = debiasdd_data::file::load(&path)?;
+            observer(Event::Inferred {
+                path: &path,
+                computed: false,
+                report: &report,
+            });
+            return Ok(inferred);
+        }
+        return Err(ReproduceError::StaleDataset {
+            path,
+            problem: "it was inferred with other settings".into(),
+        });
+    }
+    let inference = debiasdd_infer::infer_groups(data, &config_seeded, device, &mut |p| {
+        if let InferProgress::Epoch {
+            fold,
+            folds,
+            epoch,
+            epochs,
+            loss,
+            ..
+        } = p
+        {
+            tracing::info!(fold, folds, epoch, epochs, loss, "bias model");
+        }
+    })?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ReproduceError::write(dir, e))?;
+    }
+    debiasdd_data::file::save(&inference.data, &path)?;
+    write_json(&report_path, &inference.report)?;
+    let (counts, rows, columns) = inference.report.contingency_counts();
+    debiasdd_infer::heatmap::write(
+        &path.with_extension("png"),
+        &counts,
+        rows,
+        columns,
+        data.info
+            .attribute_colours
+            .as_deref()
+            .filter(|_| inference.report.contingency_rows_annotated),
+    )?;
+    observer(Event::Inferred {
+        path: &path,
+        computed: true,
+        report: &inference.report,
+    });
+    Ok(inference.data)
+}
+
 /// Runs every unfinished cell of the grid, writing the report after each. `source` loads the
 /// grey MNIST files and is only called when a dataset must be generated. Setting `stop` makes
 /// the run end at the next safe point (after a distillation iteration, with a checkpoint; or
@@ -158,6 +241,7 @@ pub fn run(
     });
     report::write(config, paths)?;
     let mut data: Option<(f64, u64, Dataset)> = None;
+    let mut inferred: Option<(f64, u64, Dataset)> = None;
     for (index, cell) in cells.iter().enumerate() {
         if done[index] {
             continue;
@@ -177,6 +261,25 @@ pub fn run(
             data = Some((cell.ratio, cell.seed, d));
         }
         let (_, _, dataset) = data.as_ref().expect("loaded above");
+        let wants_inferred = matches!(
+            cell.method,
+            Method::Distill(Distilled {
+                groups: GroupSource::Inferred,
+                ..
+            })
+        );
+        if wants_inferred
+            && inferred
+                .as_ref()
+                .is_none_or(|(r, s, _)| (*r, *s) != (cell.ratio, cell.seed))
+        {
+            let d = inferred_dataset(config, cell, dataset, paths, device, observer)?;
+            inferred = Some((cell.ratio, cell.seed, d));
+        }
+        let dataset = match &inferred {
+            Some((_, _, d)) if wants_inferred => d,
+            _ => dataset,
+        };
         observer(Event::CellStarted {
             cell,
             index,

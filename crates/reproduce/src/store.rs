@@ -28,6 +28,14 @@ impl Paths {
         self.out.join("cells").join(cell.id())
     }
 
+    /// The dataset with inferred train groups of one (ratio, seed); its report beside it as
+    /// `.json`, its heat map as `.png`.
+    pub fn inferred_file(&self, ratio: f64, seed: u64) -> PathBuf {
+        self.out
+            .join("inferred")
+            .join(format!("r{ratio}-s{seed}.safetensors"))
+    }
+
     /// The file whose presence means `cell` is done.
     pub fn result_file(&self, cell: &Cell) -> PathBuf {
         self.cell_dir(cell).join("result.json")
