@@ -582,4 +582,61 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn inferred_train_groups_replace_the_annotations_which_are_kept_apart() {
+        let train = split(vec![0, 0, 1, 1], vec![Some(2), Some(0), None, Some(1)]);
+        let data = Dataset::new(info(), train.clone(), train.clone(), train.clone()).unwrap();
+        let inferred = InferredGroups {
+            attributes: vec!["p".into(), "q".into()],
+            method: "{}".into(),
+        };
+        let out = data
+            .clone()
+            .with_inferred_train_groups(inferred.clone(), vec![Some(1), Some(0), Some(0), Some(1)])
+            .unwrap();
+        assert_eq!(out.train.spec.n_attributes(), 2);
+        assert_eq!(
+            out.test.spec.n_attributes(),
+            3,
+            "valid and test keep theirs"
+        );
+        assert_eq!(
+            out.train.group_ids(),
+            vec![Some(1), Some(0), Some(2), Some(3)]
+        );
+        assert_eq!(out.annotated_train_attributes(), &train.attributes[..]);
+        assert_eq!(out.aligned_attributes(), data.aligned_attributes());
+        // Inferring again keeps the original annotations.
+        let again = out
+            .clone()
+            .with_inferred_train_groups(inferred.clone(), vec![Some(0); 4])
+            .unwrap();
+        assert_eq!(again.true_train_attributes, out.true_train_attributes);
+        // An inferred attribute outside the inferred names, or a count that does not match.
+        let err = data
+            .clone()
+            .with_inferred_train_groups(inferred.clone(), vec![Some(2); 4])
+            .unwrap_err();
+        assert!(err.to_string().starts_with("train.attributes[0]"), "{err}");
+        let err = data
+            .clone()
+            .with_inferred_train_groups(inferred, vec![Some(0); 3])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("3 attributes for 4 labels"),
+            "{err}"
+        );
+        // Annotations kept apart without the inferred marker are refused.
+        let mut broken = out;
+        broken.info.inferred = None;
+        broken.train.spec = broken.info.spec();
+        assert!(
+            broken
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("info.inferred")
+        );
+    }
 }

@@ -204,8 +204,9 @@ mod tests {
     fn the_quick_grid_has_every_method_at_every_ratio_once() {
         let config = ReproduceConfig::preset(ReproducePreset::Quick);
         let cells = plan(&config);
-        // 2 baselines, 2 floors, DC class and group, DM over the four strata.
-        assert_eq!(cells.len(), 5 * 10);
+        // 2 baselines, 2 floors, DC class and group, DM over the four strata, DC and DM
+        // group-wise over inferred groups.
+        assert_eq!(cells.len(), 5 * 12);
         let mut ids: Vec<String> = cells.iter().map(Cell::id).collect();
         ids.sort();
         ids.dedup();
@@ -215,7 +216,7 @@ mod tests {
         assert!(ids.contains(&"r0.1-s0-dc-class".to_owned()));
         assert_eq!(cells[0].method, Method::Floor(Stratify::Class));
         let paper = plan(&ReproduceConfig::preset(ReproducePreset::Paper));
-        assert_eq!(paper.len(), 5 * 3 * 12);
+        assert_eq!(paper.len(), 5 * 3 * 14);
         let demo = plan(&ReproduceConfig::preset(ReproducePreset::Demo));
         assert_eq!(demo.len(), 6, "floors and four distillations at one ratio");
         assert!(
@@ -229,6 +230,30 @@ mod tests {
         ));
         assert_eq!(fairdd.slug(), "dc-class-vs-groups");
         assert_eq!(fairdd.label(), "DC class-vs-groups (FairDD)");
+        assert!(ids.contains(&"r0.01-s0-dm-group-inferred".to_owned()));
+        let inferred = Method::Distill(Distilled {
+            groups: crate::config::GroupSource::Inferred,
+            ..Distilled::annotated(MethodKind::Dc, MatchMode::Group)
+        });
+        assert!(
+            inferred.label().ends_with(", inferred groups"),
+            "{}",
+            inferred.label()
+        );
+        // Inferred cells record the inference settings; annotated ones keep theirs unchanged.
+        let cell = |method| Cell {
+            ratio: 0.01,
+            seed: 0,
+            method,
+        };
+        let annotated = Method::Distill(Distilled::annotated(MethodKind::Dc, MatchMode::Group));
+        assert!(settings(&config, &cell(inferred))["train_set"]["groups"]["inferred"].is_object());
+        assert!(settings(&config, &cell(annotated))["train_set"]["groups"].is_null());
+        assert_eq!(
+            serde_json::to_value(Distilled::annotated(MethodKind::Dc, MatchMode::Group)).unwrap(),
+            serde_json::json!({ "method": "dc", "mode": "group" }),
+            "annotated distillations serialise as before"
+        );
     }
 
     #[test]
