@@ -165,6 +165,13 @@ fn print_summary(report: &InferReport) {
         "bias models: held-out accuracy on the classes {:.1} % (chance {:.1} %)",
         report.held_out_accuracy, report.chance_accuracy
     );
+    if report.empty_groups > 0 {
+        println!(
+            "note: {} inferred groups are empty; group-wise distillation matches no term for \
+             them and leaves their synthetic images at their initialisation",
+            report.empty_groups
+        );
+    }
     if !report.classes_with_one_group.is_empty() {
         println!(
             "warning: classes {:?} have one inferred group only: group-wise distillation \
