@@ -203,9 +203,9 @@ fn markdown(
     );
     let _ = writeln!(
         md,
-        "Written by `cargo xtask reproduce --preset {}`. {} of {total} cells done{}; {:.1} min of \
+        "Written by `{}`. {} of {total} cells done{}; {:.1} min of \
          distillation and evaluation in all.\n",
-        config.preset,
+        command_line(config),
         cells.len(),
         if pending.is_empty() {
             String::new()
@@ -215,8 +215,12 @@ fn markdown(
         compute / 60.0
     );
     // One sentence per method of the grid, from its class- and group-wise configs.
-    let mut methods: Vec<MethodKind> = config.distillations().iter().map(|d| d.method).collect();
-    methods.dedup();
+    let mut methods: Vec<MethodKind> = Vec::new();
+    for d in config.distillations() {
+        if !methods.contains(&d.method) {
+            methods.push(d.method);
+        }
+    }
     let distillation: Vec<String> = methods
         .iter()
         .map(|&method| {
@@ -241,6 +245,24 @@ fn markdown(
             )
         })
         .collect();
+    let mut distillation = distillation;
+    if config
+        .distillations
+        .iter()
+        .any(|d| !d.groups.is_annotated())
+    {
+        let i = &config.infer;
+        distillation.push(format!(
+            "Inferred groups: a bias model (ConvNet of width {}, GCE q {}, {} epochs, SGD lr {}) \
+             per ratio and seed, {} cross-fitting folds, grouping `{}`.",
+            model_width(&i.model),
+            i.q,
+            i.epochs,
+            i.sgd.lr,
+            i.folds,
+            i.method.name()
+        ));
+    }
     let baselines = if config.baselines {
         format!(
             " Full-data baselines: {} of width {}, {} over the train split.",
@@ -421,6 +443,57 @@ fn inferred_section(md: &mut String, config: &ReproduceConfig, paths: &Paths) {
     md.push('\n');
 }
 
+/// The `cargo xtask reproduce` command that gives this grid: the preset, plus the benchmark,
+/// the dataset file, the ratios and the kept methods and strata where they differ from it.
+fn command_line(config: &ReproduceConfig) -> String {
+    let preset = ReproduceConfig::preset(config.preset);
+    let mut cmd = format!("cargo xtask reproduce --preset {}", config.preset);
+    let join = |items: Vec<String>| items.join(",");
+    match &config.data {
+        Some(file) => {
+            let _ = write!(cmd, " --data {}", file.path.display());
+        }
+        None => {
+            if config.cmnist.preset != debiasdd_cmnist::Preset::Seed {
+                let _ = write!(cmd, " --benchmark {}", config.cmnist.preset.name());
+            }
+            if config.ratios != preset.ratios {
+                let _ = write!(
+                    cmd,
+                    " --ratios {}",
+                    join(config.ratios.iter().map(f64::to_string).collect())
+                );
+            }
+        }
+    }
+    if config.distillations != preset.distillations {
+        let mut methods: Vec<MethodKind> = Vec::new();
+        let mut modes: Vec<MatchMode> = Vec::new();
+        for d in &config.distillations {
+            if !methods.contains(&d.method) {
+                methods.push(d.method);
+            }
+            if !modes.contains(&d.mode) {
+                modes.push(d.mode);
+            }
+        }
+        let _ = write!(
+            cmd,
+            " --methods {} --modes {}",
+            join(methods.iter().map(|m| m.name().to_owned()).collect()),
+            join(modes.iter().map(|m| m.name().to_owned()).collect())
+        );
+    }
+    if config.seeds != preset.seeds {
+        let _ = write!(
+            cmd,
+            " --seeds {}",
+            join(config.seeds.iter().map(u64::to_string).collect())
+        );
+    }
+    cmd
+}
+
 fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
@@ -429,5 +502,28 @@ fn model_width(model: &debiasdd_model::ModelConfig) -> String {
     match model {
         debiasdd_model::ModelConfig::ConvNet(c) => c.width.to_string(),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ReproducePreset;
+
+    #[test]
+    fn the_written_by_line_gives_back_the_grid() {
+        let mut config = ReproduceConfig::preset(ReproducePreset::Quick);
+        assert_eq!(
+            command_line(&config),
+            "cargo xtask reproduce --preset quick"
+        );
+        config.ratios = vec![0.01, 0.05];
+        config.retain(None, Some(&[MatchMode::Group]));
+        config.cmnist.preset = debiasdd_cmnist::Preset::CmnistBg;
+        assert_eq!(
+            command_line(&config),
+            "cargo xtask reproduce --preset quick --benchmark cmnist-bg --ratios 0.01,0.05 \
+             --methods dc,dm --modes group"
+        );
     }
 }
