@@ -28,11 +28,7 @@ impl Method {
                 "{}-{}{}",
                 d.method.name(),
                 d.mode.name(),
-                if d.groups.is_annotated() {
-                    ""
-                } else {
-                    "-inferred"
-                }
+                d.groups.suffix("-inferred")
             ),
             Method::Floor(Stratify::Class) => "random-class".into(),
             Method::Floor(Stratify::Group) => "random-group".into(),
@@ -48,11 +44,7 @@ impl Method {
                 "{} {}{}",
                 d.method.label(),
                 d.mode.label(),
-                if d.groups.is_annotated() {
-                    ""
-                } else {
-                    ", inferred groups"
-                }
+                d.groups.suffix(", inferred groups")
             ),
             Method::Floor(Stratify::Class) => "random real, class-stratified".into(),
             Method::Floor(Stratify::Group) => "random real, group-stratified".into(),

@@ -155,6 +155,15 @@ impl GroupSource {
     pub fn is_annotated(&self) -> bool {
         *self == GroupSource::Annotated
     }
+
+    /// `inferred` for inferred groups, nothing for annotated ones (ids and labels of annotated
+    /// cells stay as they were).
+    pub fn suffix(self, inferred: &str) -> &str {
+        match self {
+            GroupSource::Annotated => "",
+            GroupSource::Inferred => inferred,
+        }
+    }
 }
 
 /// Every setting of a reproduction.
