@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use debiasdd_infer::{GroupingMethod, InferConfig, InferProgress, InferReport, heatmap};
+use debiasdd_infer::{GroupingMethod, InferConfig, InferProgress, InferReport};
 use debiasdd_model::ModelConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -133,13 +133,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         println!("report:  {}", path.display());
     }
     if let Some(path) = &args.heatmap {
-        let (counts, rows, columns) = report.contingency_counts();
-        let colours = data
-            .info
-            .attribute_colours
-            .as_deref()
-            .filter(|_| report.contingency_rows_annotated);
-        heatmap::write(path, &counts, rows, columns, colours)?;
+        report.write_heatmap(path, data.info.attribute_colours.as_deref())?;
         println!("heat map: {}", path.display());
     }
     Ok(())

@@ -133,6 +133,9 @@ pub fn judge(net: &Network, set: &ImageSet, norm: &Normalization) -> Result<Verd
         _ => None,
     };
     let params: Vec<Tensor> = net.vars().iter().map(|v| v.as_detached_tensor()).collect();
+    let [classifier_weight, classifier_bias] = &params[params.len() - 2..] else {
+        unreachable!("every network ends with its classifier's weight and bias")
+    };
     let mut out = Verdicts {
         predicted: Vec::with_capacity(set.len()),
         confidence: Vec::with_capacity(set.len()),
@@ -148,10 +151,11 @@ pub fn judge(net: &Network, set: &ImageSet, norm: &Normalization) -> Result<Verd
             Some((route, config)) => route.embeddings(config, &params, &xs)?,
             None => net.embed(&xs, false)?.detach(),
         };
-        let logits = match route {
-            Some((route, config)) => route.logits(config, &params, &xs)?,
-            None => net.forward_t(&xs, false)?.detach(),
-        };
+        // The classifier on those features (the last two parameters of every network, in
+        // `Network::parameters` order): no second pass through the conv blocks.
+        let logits = features
+            .matmul(&classifier_weight.t()?)?
+            .broadcast_add(classifier_bias)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
         let predicted: Vec<u32> = probs.argmax(D::Minus1)?.to_vec1()?;
         let confidence: Vec<f32> = probs.max(D::Minus1)?.to_vec1()?;

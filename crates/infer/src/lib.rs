@@ -91,8 +91,8 @@ pub struct FoldReport {
 /// Everything inference found, for people (the CLI prints it) and files (JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferReport {
-    pub requested: GroupingMethod,
-    /// The method that formed the groups and why it was chosen.
+    /// The method that formed the groups and why it was chosen (`config.method` is the one
+    /// asked for).
     pub method: GroupingMethod,
     pub reason: String,
     pub config: InferConfig,
@@ -113,10 +113,9 @@ pub struct InferReport {
     pub chance_accuracy: f64,
     /// Agreement with the annotations, when the train split had some.
     pub agreement: Option<Agreement>,
-    /// Rows: annotated attribute (or class, without annotations); columns: inferred attribute.
+    /// Rows: annotated attribute when there is an agreement, else class; columns: inferred
+    /// attribute.
     pub contingency: Vec<Vec<usize>>,
-    /// Whether the contingency rows are annotated attributes (else classes).
-    pub contingency_rows_annotated: bool,
     pub seconds: f64,
 }
 
@@ -236,6 +235,7 @@ pub fn infer_groups(
             chance: chance_accuracy,
         });
     }
+    let wrong: Vec<bool> = (0..n).map(|i| predicted[i] != labels[i]).collect();
     let flagged_by_prediction = n - right;
     let share = flagged_by_prediction as f64 / n as f64;
     let (method, reason) = match config.method {
@@ -270,17 +270,15 @@ pub fn infer_groups(
                 .iter()
                 .map(|c| format!("looks like {c}"))
                 .collect(),
-            (0..n).map(|i| predicted[i] != labels[i]).collect(),
+            wrong,
         ),
         GroupingMethod::Jtt => (
-            (0..n)
-                .map(|i| u8::from(predicted[i] != labels[i]))
-                .collect(),
+            wrong.iter().map(|&w| u8::from(w)).collect(),
             vec![
                 "aligned (bias model right)".into(),
                 "conflicting (bias model wrong)".into(),
             ],
-            (0..n).map(|i| predicted[i] != labels[i]).collect(),
+            wrong,
         ),
         GroupingMethod::Kmeans => {
             let mut rng = stream(config.seed, Stream::Kmeans as u64);
@@ -370,15 +368,15 @@ pub fn infer_groups(
         n_inferred,
         n_annotated,
     });
-    let contingency_rows_annotated = agreement.is_some();
-    let rows = if contingency_rows_annotated {
+    let rows_annotated = agreement.is_some();
+    let rows = if rows_annotated {
         n_annotated
     } else {
         n_classes
     };
     let mut contingency = vec![vec![0usize; n_inferred]; rows];
     for i in 0..n {
-        let row = if contingency_rows_annotated {
+        let row = if rows_annotated {
             annotated[i].map(usize::from)
         } else {
             Some(usize::from(labels[i]))
@@ -389,7 +387,6 @@ pub fn infer_groups(
     }
 
     let report = InferReport {
-        requested: config.method,
         method,
         reason,
         config: config.clone(),
@@ -405,7 +402,6 @@ pub fn infer_groups(
         chance_accuracy,
         agreement,
         contingency,
-        contingency_rows_annotated,
         seconds: started.elapsed().as_secs_f64(),
     };
     let method_json = serde_json::json!({
@@ -428,10 +424,22 @@ pub fn infer_groups(
 }
 
 impl InferReport {
-    /// The contingency table flattened row-major, for [`heatmap::write`].
-    pub fn contingency_counts(&self) -> (Vec<usize>, usize, usize) {
+    /// Whether the contingency rows are annotated attributes (else classes).
+    pub fn rows_are_annotated(&self) -> bool {
+        self.agreement.is_some()
+    }
+
+    /// Writes the contingency heat map ([`heatmap`]) as a PNG; `attribute_colours` (the
+    /// dataset's, one per annotated attribute) are drawn beside the rows when the rows are
+    /// annotated attributes.
+    pub fn write_heatmap(
+        &self,
+        path: &std::path::Path,
+        attribute_colours: Option<&[[u8; 3]]>,
+    ) -> Result<(), InferError> {
         let rows = self.contingency.len();
         let columns = self.contingency.first().map_or(0, Vec::len);
-        (self.contingency.concat(), rows, columns)
+        let colours = attribute_colours.filter(|_| self.rows_are_annotated());
+        heatmap::write(path, &self.contingency.concat(), rows, columns, colours)
     }
 }

@@ -14,7 +14,7 @@ use crate::cell::{Method, plan};
 use crate::config::{Distilled, ReproduceConfig};
 use crate::error::ReproduceError;
 use crate::figures;
-use crate::store::{CellResult, Paths, collect, write_atomic, write_json};
+use crate::store::{CellResult, Paths, collect, read_inferred_report, write_atomic, write_json};
 use crate::summary::{MethodSummary, summarise};
 
 pub const RESULTS_FORMAT: &str = "debiasdd-results/1";
@@ -397,18 +397,17 @@ fn markdown(
 /// runner wrote beside the inferred datasets.
 fn inferred_section(md: &mut String, config: &ReproduceConfig, paths: &Paths) {
     let mut rows = Vec::new();
+    let mut unreadable = Vec::new();
     for &ratio in &config.ratios {
         for &seed in &config.seeds {
-            let path = paths.inferred_file(ratio, seed).with_extension("json");
-            let report: Option<debiasdd_infer::InferReport> = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|s| serde_json::from_str(&s).ok());
-            if let Some(report) = report {
-                rows.push((ratio, seed, report));
+            match read_inferred_report(paths, ratio, seed) {
+                Ok(Some(report)) => rows.push((ratio, seed, report)),
+                Ok(None) => {}
+                Err(e) => unreadable.push(e.to_string()),
             }
         }
     }
-    if rows.is_empty() {
+    if rows.is_empty() && unreadable.is_empty() {
         return;
     }
     md.push_str(
@@ -438,6 +437,12 @@ fn inferred_section(md: &mut String, config: &ReproduceConfig, paths: &Paths) {
             opt(a.and_then(|a| a.conflicting_recall)),
             r.held_out_accuracy,
             r.seconds
+        );
+    }
+    for problem in unreadable {
+        let _ = writeln!(
+            md,
+            "\nLeft out: {problem}; delete it to infer that ratio again."
         );
     }
     md.push('\n');

@@ -22,7 +22,7 @@ use crate::cell::{Cell, Method, eval_config, floor_size, plan, settings};
 use crate::config::{Distilled, GroupSource, ReproduceConfig};
 use crate::error::ReproduceError;
 use crate::report;
-use crate::store::{CellResult, Paths, finished, write_json};
+use crate::store::{CellResult, Paths, finished, read_inferred_report, write_json};
 
 /// What the runner tells its caller (progress bars, logs).
 #[derive(Debug)]
@@ -150,14 +150,11 @@ fn inferred_dataset(
         seed: cell.seed,
         ..config.infer.clone()
     };
-    if path.exists() && report_path.exists() {
-        let report: InferReport = std::fs::read_to_string(&report_path)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .ok_or_else(|| ReproduceError::StaleDataset {
-                path: report_path.clone(),
-                problem: "unreadable inference report".into(),
-            })?;
+    let cached = match path.exists() {
+        true => read_inferred_report(paths, cell.ratio, cell.seed)?,
+        false => None,
+    };
+    if let Some(report) = cached {
         if report.config == config_seeded {
             let inferred = debiasdd_data::file::load(&path)?;
             observer(Event::Inferred {
@@ -190,16 +187,9 @@ fn inferred_dataset(
     }
     debiasdd_data::file::save(&inference.data, &path)?;
     write_json(&report_path, &inference.report)?;
-    let (counts, rows, columns) = inference.report.contingency_counts();
-    debiasdd_infer::heatmap::write(
+    inference.report.write_heatmap(
         &path.with_extension("png"),
-        &counts,
-        rows,
-        columns,
-        data.info
-            .attribute_colours
-            .as_deref()
-            .filter(|_| inference.report.contingency_rows_annotated),
+        data.info.attribute_colours.as_deref(),
     )?;
     observer(Event::Inferred {
         path: &path,

@@ -94,6 +94,23 @@ pub fn collect(config: &ReproduceConfig, paths: &Paths) -> Result<Vec<CellResult
 }
 
 /// Pretty JSON, written to a temporary file and renamed so that a crash never leaves half a file.
+/// The inference report of one (ratio, seed) ([`Paths::inferred_file`] with `.json`): `None`
+/// when there is none yet, an error naming the file when it does not parse.
+pub fn read_inferred_report(
+    paths: &Paths,
+    ratio: f64,
+    seed: u64,
+) -> Result<Option<debiasdd_infer::InferReport>, ReproduceError> {
+    let path = paths.inferred_file(ratio, seed).with_extension("json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| ReproduceError::read(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ReproduceError::read(&path, format!("not an inference report ({e})")))
+}
+
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ReproduceError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| ReproduceError::write(path, e))?;
     write_atomic(path, text.as_bytes())
