@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use debiasdd_infer::{GroupingMethod, InferConfig, InferProgress, InferReport};
-use debiasdd_model::ModelConfig;
+use debiasdd_infer::{GroupingMethod, InferConfig, InferOverrides, InferProgress, InferReport};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
@@ -63,35 +62,20 @@ pub struct InferArgs {
 pub fn run(args: InferArgs) -> anyhow::Result<()> {
     let device = debiasdd_model::device::parse_device(&args.device)?;
     let data = debiasdd_data::file::load(&args.data)?;
-    let mut config = InferConfig {
+    let config = InferConfig {
         method: args.method,
         seed: args.seed,
         ..InferConfig::default()
-    };
-    if let (Some(width), ModelConfig::ConvNet(c)) = (args.width, &mut config.model) {
-        c.width = width;
     }
-    for (value, field) in [
-        (args.clusters, &mut config.clusters),
-        (args.epochs, &mut config.epochs),
-        (args.folds, &mut config.folds),
-    ] {
-        if let Some(v) = value {
-            *field = v;
-        }
-    }
-    for (value, field) in [
-        (args.q, &mut config.q),
-        (args.lr, &mut config.sgd.lr),
-        (
-            args.min_conflicting_share,
-            &mut config.min_conflicting_share,
-        ),
-    ] {
-        if let Some(v) = value {
-            *field = v;
-        }
-    }
+    .with_overrides(&InferOverrides {
+        width: args.width,
+        clusters: args.clusters,
+        epochs: args.epochs,
+        folds: args.folds,
+        q: args.q,
+        lr: args.lr,
+        min_conflicting_share: args.min_conflicting_share,
+    });
     let bar = ProgressBar::new((config.folds * config.epochs) as u64);
     bar.set_style(
         ProgressStyle::with_template(

@@ -56,6 +56,8 @@ pub enum EvalError {
          lower the learning rate or check the training images for extreme values"
     )]
     NonFiniteLoss { epoch: usize, lr: f64 },
+    #[error("stopped by the caller (an interrupt) before training finished")]
+    Stopped,
     #[error(transparent)]
     Model(#[from] debiasdd_model::ModelError),
     #[error(transparent)]

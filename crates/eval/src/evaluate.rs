@@ -5,6 +5,7 @@
 //! augmentation, balanced draws) from a seed drawn on stream `2k + 1`, so models are independent
 //! of each other and of how many are evaluated.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -84,6 +85,22 @@ pub fn evaluate(
     device: &Device,
     progress: &mut dyn FnMut(EvalProgress<'_>),
 ) -> Result<EvalReport, EvalError> {
+    evaluate_until(train, norm, data, config, device, &mut |p| {
+        progress(p);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`evaluate`] whose `progress` may stop it after any epoch or model with `ControlFlow::Break`
+/// (an interrupt): the evaluation then ends with [`EvalError::Stopped`].
+pub fn evaluate_until(
+    train: &ImageSet,
+    norm: &Normalization,
+    data: &Dataset,
+    config: &EvalConfig,
+    device: &Device,
+    progress: &mut dyn FnMut(EvalProgress<'_>) -> ControlFlow<()>,
+) -> Result<EvalReport, EvalError> {
     if config.n_models == 0 {
         return Err(EvalError::InvalidConfig(
             "0 models: evaluate at least 1 (--models K)".into(),
@@ -157,10 +174,14 @@ pub fn evaluate(
             final_train_accuracy: last.accuracy,
             metrics,
         };
-        progress(EvalProgress::Scored {
+        if progress(EvalProgress::Scored {
             run: &run,
             n_models: config.n_models,
-        });
+        })
+        .is_break()
+        {
+            return Err(EvalError::Stopped);
+        }
         runs.push(run);
     }
     let metrics: Vec<GroupMetrics> = runs.iter().map(|r| r.metrics.clone()).collect();

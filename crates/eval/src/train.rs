@@ -8,6 +8,8 @@
 //! training draws each epoch's samples with replacement, weighted so that every non-empty group
 //! has the same total weight (`debiasdd_groups::GroupIndex::balanced_weights`).
 
+use std::ops::ControlFlow;
+
 use candle_core::{D, DType, Device, Tensor};
 use debiasdd_groups::GroupIndex;
 use debiasdd_model::backend::{Route, Segments};
@@ -134,7 +136,8 @@ pub struct EpochReport {
 
 /// Trains `net` in place on `set` with the DC protocol; every random choice (order, balanced
 /// draws, augmentation) comes from `seed`. `on_epoch` sees each epoch's report (progress bars,
-/// logs). Returns the last epoch's report.
+/// logs) and may stop the training there with `ControlFlow::Break` ([`EvalError::Stopped`]).
+/// Returns the last epoch's report.
 ///
 /// ConvNets for which `debiasdd_model::backend::Route::select` finds a route (instance norm or
 /// none, ReLU, average pooling: the protocol's; f32 or f64) are trained with that explicit
@@ -147,7 +150,7 @@ pub fn train_network(
     norm: &Normalization,
     config: &TrainConfig,
     seed: u64,
-    on_epoch: &mut dyn FnMut(&EpochReport),
+    on_epoch: &mut dyn FnMut(&EpochReport) -> ControlFlow<()>,
 ) -> Result<EpochReport, EvalError> {
     let route = match net.config() {
         ModelConfig::ConvNet(c) => Route::select(net.device(), net.dtype(), c),
@@ -164,7 +167,7 @@ fn train_network_with(
     config: &TrainConfig,
     seed: u64,
     route: Option<Route>,
-    on_epoch: &mut dyn FnMut(&EpochReport),
+    on_epoch: &mut dyn FnMut(&EpochReport) -> ControlFlow<()>,
 ) -> Result<EpochReport, EvalError> {
     config.validate()?;
     if set.is_empty() {
@@ -245,7 +248,9 @@ fn train_network_with(
             loss: loss_sum / n as f64,
             accuracy: 100.0 * correct as f64 / n as f64,
         };
-        on_epoch(&report);
+        if on_epoch(&report).is_break() {
+            return Err(EvalError::Stopped);
+        }
         last = Some(report);
         if epoch == config.decay_epoch() {
             lr *= config.lr_decay;
@@ -322,8 +327,12 @@ mod tests {
         };
         let (a, b) = (build(), build());
         let route = Some(Route::native());
-        let ra = train_network_with(&a, &set, &norm, &config, 3, route, &mut |_| {})?;
-        let rb = train_network_with(&b, &set, &norm, &config, 3, None, &mut |_| {})?;
+        let ra = train_network_with(&a, &set, &norm, &config, 3, route, &mut |_| {
+            ControlFlow::Continue(())
+        })?;
+        let rb = train_network_with(&b, &set, &norm, &config, 3, None, &mut |_| {
+            ControlFlow::Continue(())
+        })?;
         assert!(
             (ra.loss - rb.loss).abs() < 1e-9,
             "{} vs {}",

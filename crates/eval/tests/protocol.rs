@@ -123,3 +123,30 @@ fn bad_settings_are_refused_before_training() {
         Err(EvalError::MissingGroups)
     ));
 }
+
+#[test]
+fn a_break_from_the_callback_stops_the_evaluation() {
+    use std::ops::ControlFlow;
+
+    use debiasdd_eval::evaluate::{EvalProgress, evaluate_until};
+
+    let data = tiny_cmnist(0.2);
+    let train = ImageSet::from_split(&data.train).subset(&(0..64).collect::<Vec<_>>());
+    let norm = Normalization::of_split(&data.train);
+    let mut config = small_config(50, Augment::None);
+    config.n_models = 3;
+    let mut epochs = Vec::new();
+    let err = evaluate_until(&train, &norm, &data, &config, &Device::Cpu, &mut |p| {
+        if let EvalProgress::Epoch { model, report, .. } = p {
+            epochs.push((model, report.epoch));
+            if report.epoch == 2 {
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    })
+    .unwrap_err();
+    assert!(matches!(err, EvalError::Stopped), "{err}");
+    // Stopped in the first model's third epoch: nothing after it ran.
+    assert_eq!(epochs, [(0, 0), (0, 1), (0, 2)]);
+}

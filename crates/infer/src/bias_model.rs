@@ -5,6 +5,8 @@
 //! gradient of `(1 - p_y^q) / q` up to the constant `q`, so samples the model already finds easy
 //! weigh most and the model locks onto whatever shortcut predicts the class best.
 
+use std::ops::ControlFlow;
+
 use candle_core::{D, DType, Device, Tensor};
 use debiasdd_data::{ImageSet, Normalization};
 use debiasdd_model::backend::{Route, SampleLoss};
@@ -30,7 +32,8 @@ pub fn gce_loss(logits: &Tensor, labels: &Tensor, q: f64) -> candle_core::Result
 }
 
 /// Trains a fresh bias model on `set` (its labels only) for `config.epochs` passes; `seed` fixes
-/// its initialisation and batch order. `on_epoch(epoch, mean loss, train accuracy %)`.
+/// its initialisation and batch order. `on_epoch(epoch, mean loss, train accuracy %)`; its
+/// `ControlFlow::Break` stops the training ([`InferError::Stopped`]).
 ///
 /// The step's gradient comes from the native CPU kernels where [`Route::select`] picks them
 /// (GCE enters only through d loss / d logits), from candle's autograd through [`gce_loss`]
@@ -42,7 +45,7 @@ pub fn train_bias_model(
     fold: usize,
     seed: u64,
     device: &Device,
-    on_epoch: &mut dyn FnMut(usize, f64, f64),
+    on_epoch: &mut dyn FnMut(usize, f64, f64) -> ControlFlow<()>,
 ) -> Result<Network, InferError> {
     let side = set.shape.square_side()?;
     let model: ModelConfig = config
@@ -97,11 +100,15 @@ pub fn train_bias_model(
                 .sum_all()?
                 .to_scalar::<u32>()? as usize;
         }
-        on_epoch(
+        if on_epoch(
             epoch,
             loss_sum / n as f64,
             100.0 * correct as f64 / n as f64,
-        );
+        )
+        .is_break()
+        {
+            return Err(InferError::Stopped);
+        }
     }
     Ok(net)
 }

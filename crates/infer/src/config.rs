@@ -84,6 +84,50 @@ pub struct InferConfig {
     pub seed: u64,
 }
 
+/// Settings a caller changes from [`InferConfig::default`] (the CLI's options, Python's keyword
+/// arguments); `None` keeps the default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InferOverrides {
+    /// The bias model's ConvNet width.
+    pub width: Option<usize>,
+    pub clusters: Option<usize>,
+    pub epochs: Option<usize>,
+    pub folds: Option<usize>,
+    pub q: Option<f64>,
+    /// The bias model's SGD learning rate.
+    pub lr: Option<f64>,
+    pub min_conflicting_share: Option<f64>,
+}
+
+impl InferConfig {
+    /// This config with `overrides` applied (call [`InferConfig::validate`] after).
+    pub fn with_overrides(mut self, overrides: &InferOverrides) -> Self {
+        let o = overrides;
+        if let (Some(width), ModelConfig::ConvNet(c)) = (o.width, &mut self.model) {
+            c.width = width;
+        }
+        for (value, field) in [
+            (o.clusters, &mut self.clusters),
+            (o.epochs, &mut self.epochs),
+            (o.folds, &mut self.folds),
+        ] {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+        for (value, field) in [
+            (o.q, &mut self.q),
+            (o.lr, &mut self.sgd.lr),
+            (o.min_conflicting_share, &mut self.min_conflicting_share),
+        ] {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+        self
+    }
+}
+
 impl Default for InferConfig {
     fn default() -> Self {
         Self {

@@ -43,6 +43,8 @@ pub enum InferError {
         path: std::path::PathBuf,
         problem: String,
     },
+    #[error("stopped by the caller (an interrupt) before the groups were inferred")]
+    Stopped,
     #[error(transparent)]
     Data(#[from] debiasdd_data::DataError),
     #[error(transparent)]

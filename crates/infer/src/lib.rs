@@ -30,6 +30,7 @@ pub mod error;
 pub mod heatmap;
 pub mod kmeans;
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use candle_core::Device;
@@ -40,7 +41,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use agreement::Agreement;
-pub use config::{GroupingMethod, InferConfig};
+pub use config::{GroupingMethod, InferConfig, InferOverrides};
 pub use error::InferError;
 
 /// One random stream per purpose, all from the config's seed.
@@ -134,6 +135,20 @@ pub fn infer_groups(
     device: &Device,
     progress: &mut dyn FnMut(InferProgress),
 ) -> Result<Inference, InferError> {
+    infer_groups_until(data, config, device, &mut |p| {
+        progress(p);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`infer_groups`] whose `progress` may stop it after any epoch or fold with
+/// `ControlFlow::Break` (an interrupt): the inference then ends with [`InferError::Stopped`].
+pub fn infer_groups_until(
+    data: &Dataset,
+    config: &InferConfig,
+    device: &Device,
+    progress: &mut dyn FnMut(InferProgress) -> ControlFlow<()>,
+) -> Result<Inference, InferError> {
     let started = Instant::now();
     config.validate()?;
     let labels = &data.train.labels;
@@ -197,7 +212,7 @@ pub fn infer_groups(
                     epochs: config.epochs,
                     loss,
                     accuracy,
-                });
+                })
             },
         )?;
         let verdicts = bias_model::judge(&net, &blind.subset(&judged_idx), &norm)?;
@@ -219,10 +234,14 @@ pub fn infer_groups(
             last_loss: last.0,
             last_train_accuracy: last.1,
         });
-        progress(InferProgress::Judged {
+        if progress(InferProgress::Judged {
             fold,
             folds: config.folds,
-        });
+        })
+        .is_break()
+        {
+            return Err(InferError::Stopped);
+        }
     }
 
     let right = (0..n).filter(|&i| predicted[i] == labels[i]).count();

@@ -258,3 +258,29 @@ fn bad_input_is_named() {
     .unwrap_err();
     assert!(err.to_string().contains("`q`"), "{err}");
 }
+
+#[test]
+fn a_break_from_the_callback_stops_the_inference() {
+    use std::ops::ControlFlow;
+
+    use debiasdd_infer::{InferProgress, infer_groups_until};
+
+    let data = coloured_noise(600, 20);
+    let config = InferConfig {
+        epochs: 5,
+        ..small(GroupingMethod::Prediction)
+    };
+    let mut seen = Vec::new();
+    let err = infer_groups_until(&data, &config, &Device::Cpu, &mut |p| {
+        if let InferProgress::Epoch { fold, epoch, .. } = p {
+            seen.push((fold, epoch));
+            if epoch == 1 {
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    })
+    .unwrap_err();
+    assert!(matches!(err, InferError::Stopped), "{err}");
+    assert_eq!(seen, [(0, 0), (0, 1)]);
+}
