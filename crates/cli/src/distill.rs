@@ -13,8 +13,8 @@ use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
 use debiasdd_distill::{
-    Distance, DistillConfig, Distiller, Init, MatchMode, MethodKind, Preset, RunFiles, RunOutcome,
-    drive,
+    Distance, DistillConfig, Distiller, Init, MatchMode, MethodKind, Overrides, Preset, RunFiles,
+    RunOutcome, drive,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -112,41 +112,24 @@ pub struct DistillArgs {
 
 impl DistillArgs {
     fn config(&self) -> anyhow::Result<DistillConfig> {
-        let mut c = DistillConfig::preset(self.method, self.preset, self.mode, self.ipc);
-        let s = &mut c.settings;
-        macro_rules! set {
-            ($target:expr, $($field:ident),*) => {{ $(if let Some(v) = self.$field { $target.$field = v; })* }};
-        }
-        set!(s, iterations, batch_real, lr_img, init);
-        if let Some(w) = self.width {
-            s.model.width = w;
-        }
-        if let Some(d) = self.depth {
-            s.model.depth = d;
-        }
-        s.seed = self.seed;
-        if self.dsa || self.no_dsa {
-            s.set_dsa(self.dsa);
-        }
-        match c.method.dc_mut() {
-            Some(dc) => set!(dc, outer_loop, inner_loop, lr_net, distance),
-            None => {
-                for (given, flag) in [
-                    (self.outer_loop.is_some(), "--outer-loop"),
-                    (self.inner_loop.is_some(), "--inner-loop"),
-                    (self.lr_net.is_some(), "--lr-net"),
-                    (self.distance.is_some(), "--distance"),
-                ] {
-                    if given {
-                        anyhow::bail!(
-                            "{flag} is a DC option; --method {} does not take it",
-                            self.method
-                        );
-                    }
-                }
-            }
-        }
-        Ok(c)
+        let overrides = Overrides {
+            iterations: self.iterations,
+            batch_real: self.batch_real,
+            lr_img: self.lr_img,
+            init: self.init,
+            width: self.width,
+            depth: self.depth,
+            seed: Some(self.seed),
+            dsa: (self.dsa || self.no_dsa).then_some(self.dsa),
+            outer_loop: self.outer_loop,
+            inner_loop: self.inner_loop,
+            lr_net: self.lr_net,
+            distance: self.distance,
+        };
+        Ok(
+            DistillConfig::preset(self.method, self.preset, self.mode, self.ipc)
+                .with_overrides(&overrides)?,
+        )
     }
 }
 
@@ -229,7 +212,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
     bar.enable_steady_tick(Duration::from_millis(250));
     let started = Instant::now();
     let files = RunFiles {
-        checkpoint: &ckpt,
+        checkpoint: Some(&ckpt),
         checkpoint_every: args.checkpoint_every,
         history: args.history.as_deref(),
     };

@@ -355,8 +355,8 @@ fn dm_distils_with_dsa_over_every_strata_and_refuses_dc_options() -> anyhow::Res
     );
     // DC's options are refused by name.
     for (extra, needle) in [
-        (vec!["--outer-loop", "3"], "--outer-loop is a DC option"),
-        (vec!["--distance", "mse"], "--distance is a DC option"),
+        (vec!["--outer-loop", "3"], "`outer_loop`: is a DC setting"),
+        (vec!["--distance", "mse"], "`distance`: is a DC setting"),
     ] {
         let mut args = vec![
             "distill",

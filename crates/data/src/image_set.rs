@@ -22,19 +22,31 @@ impl Normalization {
     /// Mean and (population) std of each channel over all pixels of a split, in [0, 1] units.
     /// A constant channel gets std 1e-6, not a division by 0.
     pub fn of_split(split: &Split) -> Self {
-        let (channels, plane) = (split.shape.channels, split.shape.plane());
+        Self::of_values(split.shape, &split.images, |v| f64::from(v) / 255.0)
+    }
+
+    /// Mean and (population) std of each channel over all values of an image set (in its own
+    /// units, [0, 1] for real images); [`Normalization::of_split`] for images that are not bytes
+    /// (handed over as floats, e.g. from Python).
+    pub fn of_images(set: &ImageSet) -> Self {
+        Self::of_values(set.shape, &set.images, f64::from)
+    }
+
+    /// Per-channel mean and std of `len x C x H x W` values, each read through `value`.
+    fn of_values<T: Copy>(shape: ImageShape, values: &[T], value: impl Fn(T) -> f64) -> Self {
+        let (channels, plane) = (shape.channels, shape.plane());
         let mut sum = vec![0f64; channels];
         let mut sum_sq = vec![0f64; channels];
-        for image in split.images.chunks_exact(split.shape.numel()) {
+        for image in values.chunks_exact(shape.numel()) {
             for ch in 0..channels {
                 for &v in &image[ch * plane..(ch + 1) * plane] {
-                    let x = f64::from(v) / 255.0;
+                    let x = value(v);
                     sum[ch] += x;
                     sum_sq[ch] += x * x;
                 }
             }
         }
-        let n = (split.len() * plane).max(1) as f64;
+        let n = (values.len() / shape.numel().max(1) * plane).max(1) as f64;
         let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
         let std = (0..channels)
             .map(|ch| ((sum_sq[ch] / n - mean[ch] * mean[ch]).max(0.0).sqrt()).max(1e-6) as f32)
@@ -181,6 +193,22 @@ impl ImageSet {
                     format!("{g} is neither -1 nor a group of class {label}"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that every value is finite (real images handed over as floats).
+    pub fn check_finite(&self) -> Result<(), DataError> {
+        if let Some(at) = self.images.iter().position(|v| !v.is_finite()) {
+            let numel = self.shape.numel().max(1);
+            return Err(DataError::invalid(
+                format!("images[{}]", at / numel),
+                format!(
+                    "value {} of the image is {}; every pixel must be a finite number",
+                    at % numel,
+                    self.images[at]
+                ),
+            ));
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use debiasdd_groups::GroupSpec;
 use debiasdd_model::ConvNetConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::dc::Distance;
 use crate::error::DistillError;
 use crate::method::{MethodConfig, MethodKind};
 use crate::strata::MatchMode;
@@ -215,6 +216,79 @@ impl DistillConfig {
     pub fn validate(&self) -> Result<(), DistillError> {
         self.settings.validate()?;
         self.method.validate(&self.settings)
+    }
+}
+
+/// Settings a caller changes from a preset (the CLI's options, Python's keyword arguments);
+/// `None` keeps the preset's value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub iterations: Option<usize>,
+    pub batch_real: Option<usize>,
+    pub lr_img: Option<f64>,
+    pub init: Option<Init>,
+    pub width: Option<usize>,
+    pub depth: Option<usize>,
+    pub seed: Option<u64>,
+    /// Differentiable Siamese augmentation on or off.
+    pub dsa: Option<bool>,
+    /// DC only: synthetic updates per iteration.
+    pub outer_loop: Option<usize>,
+    /// DC only: network epochs on the synthetic set between updates.
+    pub inner_loop: Option<usize>,
+    /// DC only: learning rate of the inner-loop network training.
+    pub lr_net: Option<f64>,
+    /// DC only: gradient distance.
+    pub distance: Option<Distance>,
+}
+
+impl DistillConfig {
+    /// This config with `overrides` applied; a method's setting given to another method is an
+    /// error that names it. Call [`DistillConfig::validate`] after.
+    pub fn with_overrides(mut self, overrides: &Overrides) -> Result<Self, DistillError> {
+        // `set!(target => value, ...)`: the value where one is given.
+        macro_rules! set {
+            ($($target:expr => $value:expr),* $(,)?) => {{ $(if let Some(v) = $value { $target = v; })* }};
+        }
+        let o = overrides;
+        let s = &mut self.settings;
+        set!(
+            s.iterations => o.iterations,
+            s.batch_real => o.batch_real,
+            s.lr_img => o.lr_img,
+            s.init => o.init,
+            s.model.width => o.width,
+            s.model.depth => o.depth,
+            s.seed => o.seed,
+        );
+        if let Some(on) = o.dsa {
+            s.set_dsa(on);
+        }
+        let kind = self.method.kind();
+        match self.method.dc_mut() {
+            Some(dc) => set!(
+                dc.outer_loop => o.outer_loop,
+                dc.inner_loop => o.inner_loop,
+                dc.lr_net => o.lr_net,
+                dc.distance => o.distance,
+            ),
+            None => {
+                for (given, field) in [
+                    (o.outer_loop.is_some(), "outer_loop"),
+                    (o.inner_loop.is_some(), "inner_loop"),
+                    (o.lr_net.is_some(), "lr_net"),
+                    (o.distance.is_some(), "distance"),
+                ] {
+                    if given {
+                        return Err(DistillError::InvalidConfig {
+                            field,
+                            problem: format!("is a DC setting; method {kind} does not take it"),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(self)
     }
 }
 

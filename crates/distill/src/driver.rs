@@ -18,8 +18,9 @@ use crate::matcher::Matcher;
 /// Where a run keeps its state.
 #[derive(Debug, Clone, Copy)]
 pub struct RunFiles<'a> {
-    /// Written every `checkpoint_every` iterations, at the end, and when stopped.
-    pub checkpoint: &'a Path,
+    /// Written every `checkpoint_every` iterations, at the end, and when stopped; `None`: no
+    /// checkpoints (a stopped run is then lost).
+    pub checkpoint: Option<&'a Path>,
     pub checkpoint_every: usize,
     /// One JSON line of [`IterationStats`] per iteration, if wanted.
     pub history: Option<&'a Path>,
@@ -59,7 +60,7 @@ pub fn drive<M: Matcher>(
     };
     while !distiller.is_done() {
         if stop.load(Ordering::SeqCst) {
-            distiller.save_checkpoint(files.checkpoint)?;
+            save(distiller, files)?;
             return Ok(RunOutcome::Interrupted);
         }
         let stats = distiller.step()?;
@@ -71,11 +72,18 @@ pub fn drive<M: Matcher>(
         }
         on_iteration(distiller, &stats)?;
         if stats.iteration % files.checkpoint_every == 0 {
-            distiller.save_checkpoint(files.checkpoint)?;
+            save(distiller, files)?;
         }
     }
-    distiller.save_checkpoint(files.checkpoint)?;
+    save(distiller, files)?;
     Ok(RunOutcome::Finished)
+}
+
+fn save<M: Matcher>(distiller: &Distiller<M>, files: RunFiles<'_>) -> Result<(), DistillError> {
+    match files.checkpoint {
+        Some(path) => distiller.save_checkpoint(path),
+        None => Ok(()),
+    }
 }
 
 fn write_error(path: &Path, e: std::io::Error) -> DistillError {

@@ -18,6 +18,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use debiasdd_augment::{Transform, augment};
 use debiasdd_data::{ImageSet, ImageShape, Normalization, Split, SyntheticSet};
+use debiasdd_groups::{GroupIndex, GroupSpec};
 use debiasdd_model::backend::{ConvPath, Route};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -116,6 +117,19 @@ impl Distiller {
         let matcher = config.method.matcher();
         Self::with_matcher(config.settings, matcher, train, device, dtype)
     }
+
+    /// [`Distiller::new`] over real images given as floats; see
+    /// [`Distiller::with_matcher_on_images`].
+    pub fn on_images(
+        config: DistillConfig,
+        train: &ImageSet,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, DistillError> {
+        config.method.validate(&config.settings)?;
+        let matcher = config.method.matcher();
+        Self::with_matcher_on_images(config.settings, matcher, train, device, dtype)
+    }
 }
 
 impl<M: Matcher> Distiller<M> {
@@ -128,7 +142,6 @@ impl<M: Matcher> Distiller<M> {
         device: &Device,
         dtype: DType,
     ) -> Result<Self, DistillError> {
-        let settings = settings.for_data(train.shape, train.spec)?;
         if train.labels.len() != train.len() || train.attributes.len() != train.len() {
             return Err(DistillError::InconsistentSplit {
                 n: train.len(),
@@ -136,7 +149,44 @@ impl<M: Matcher> Distiller<M> {
                 n_groups: train.attributes.len(),
             });
         }
-        let unknown = train.attributes.iter().filter(|a| a.is_none()).count();
+        let norm = Normalization::of_split(train);
+        Self::build(
+            settings,
+            matcher,
+            &ImageSet::from_split(train),
+            norm,
+            device,
+            dtype,
+        )
+    }
+
+    /// [`Distiller::with_matcher`] over real images given as floats in pixel space ([0, 1]),
+    /// not bytes (for example from Python): normalised by their own per-channel statistics
+    /// ([`Normalization::of_images`]). The set is checked first (lengths, labels and groups
+    /// inside its layout, finite values).
+    pub fn with_matcher_on_images(
+        settings: Settings,
+        matcher: M,
+        train: &ImageSet,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, DistillError> {
+        train.validate()?;
+        train.check_finite()?;
+        let norm = Normalization::of_images(train);
+        Self::build(settings, matcher, train, norm, device, dtype)
+    }
+
+    fn build(
+        settings: Settings,
+        matcher: M,
+        train: &ImageSet,
+        norm: Normalization,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, DistillError> {
+        let settings = settings.for_data(train.shape, train.spec)?;
+        let unknown = train.groups.iter().filter(|g| g.is_none()).count();
         if settings.mode != crate::MatchMode::Class && unknown > 0 {
             return Err(DistillError::InvalidConfig {
                 field: "mode",
@@ -147,7 +197,16 @@ impl<M: Matcher> Distiller<M> {
                 ),
             });
         }
-        let index = train.group_index();
+        // Class-wise strata need only the labels: where some attributes are unknown, the
+        // index is by class alone, so those images still count (and no group is reported
+        // empty).
+        let index = if settings.mode == crate::MatchMode::Class && unknown > 0 {
+            GroupSpec::new(train.spec.n_classes(), 1)
+                .and_then(|spec| GroupIndex::from_group_ids(spec, &train.labels))
+        } else {
+            GroupIndex::from_optional_group_ids(train.spec, &train.groups)
+        }
+        .map_err(debiasdd_data::DataError::from)?;
         let plan = MatchingPlan::new(settings.mode, settings.ipc, &index, device)?;
         if settings.mode != crate::MatchMode::Class && !plan.empty_groups().is_empty() {
             tracing::warn!(
@@ -155,8 +214,7 @@ impl<M: Matcher> Distiller<M> {
                 "groups without real training images contribute no matching term"
             );
         }
-        let norm = Normalization::of_split(train);
-        let (real_images, _) = ImageSet::from_split(train).to_tensors(&norm, device, dtype)?;
+        let (real_images, _) = train.to_tensors(&norm, device, dtype)?;
         let synthetic = initial_synthetic(&settings, &plan, &real_images, device, dtype)?;
         let momentum = synthetic.zeros_like()?;
         Ok(Self {

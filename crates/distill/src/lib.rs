@@ -21,7 +21,7 @@
 //! let config = DistillConfig::preset(MethodKind::Dc, Preset::Quick, MatchMode::Group, 10);
 //! let mut distiller = Distiller::new(config, &data.train, &Device::Cpu, DType::F32)?;
 //! let files = RunFiles {
-//!     checkpoint: std::path::Path::new("syn.ckpt.safetensors"),
+//!     checkpoint: Some(std::path::Path::new("syn.ckpt.safetensors")),
 //!     checkpoint_every: 5,
 //!     history: Some(std::path::Path::new("history.jsonl")),
 //! };
@@ -51,7 +51,7 @@ pub mod matcher;
 pub mod method;
 pub mod strata;
 
-pub use config::{DistillConfig, Init, Preset, Settings};
+pub use config::{DistillConfig, Init, Overrides, Preset, Settings};
 pub use dc::{Dc, DcConfig, Distance, MatchingTarget, loops_for_ipc};
 pub use dm::{Dm, DmConfig};
 pub use driver::{RunFiles, RunOutcome, drive};

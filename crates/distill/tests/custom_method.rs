@@ -133,7 +133,7 @@ fn a_method_from_outside_distils_checkpoints_and_resumes() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let (ckpt, history) = (dir.path().join("m.ckpt"), dir.path().join("m.jsonl"));
     let files = RunFiles {
-        checkpoint: &ckpt,
+        checkpoint: Some(&ckpt),
         checkpoint_every: 2,
         history: Some(&history),
     };

@@ -288,3 +288,61 @@ fn native_loss_equals_the_op_by_op_loss() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn class_mode_counts_images_of_unknown_attribute() -> anyhow::Result<()> {
+    let split = tiny_split(None);
+    let mut unknown = split.clone();
+    for (i, a) in unknown.attributes.iter_mut().enumerate() {
+        if i % 2 == 0 {
+            *a = None;
+        }
+    }
+    let config = tiny_config(MatchMode::Class);
+    // Class-wise distillation never reads attributes: the same classes hold the same images,
+    // so a step draws the same real batches and gives the same bytes.
+    let step = |split: &debiasdd_data::Split| -> anyhow::Result<(f64, Vec<f64>)> {
+        let mut d = Distiller::new(config.clone(), split, &Device::Cpu, DType::F32)?;
+        let loss = d.step()?.loss;
+        Ok((loss, values(d.images())))
+    };
+    let known = step(&split)?;
+    assert_eq!(step(&unknown)?, known);
+    // All unknown: still every image, not "class 0 has no training images".
+    unknown.attributes.iter_mut().for_each(|a| *a = None);
+    assert_eq!(step(&unknown)?, known);
+    // Group modes refuse them, naming the fix.
+    let err = Distiller::new(
+        tiny_config(MatchMode::Group),
+        &unknown,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("use --mode class"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn float_images_distil_like_their_bytes() -> anyhow::Result<()> {
+    let split = tiny_split(None);
+    let config = tiny_config(MatchMode::Group);
+    let set = debiasdd_data::ImageSet::from_split(&split);
+    let mut from_bytes = Distiller::new(config.clone(), &split, &Device::Cpu, DType::F64)?;
+    let mut from_floats = Distiller::on_images(config.clone(), &set, &Device::Cpu, DType::F64)?;
+    for _ in 0..2 {
+        let (a, b) = (from_bytes.step()?.loss, from_floats.step()?.loss);
+        assert!((a - b).abs() < 1e-9 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let worst = max_abs_diff(from_bytes.images(), from_floats.images());
+    assert!(worst < 1e-9, "images differ by {worst}");
+    let mut nan = set.clone();
+    nan.images[IMAGE + 3] = f32::NAN;
+    let err = Distiller::on_images(config, &nan, &Device::Cpu, DType::F32).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("images[1]: value 3 of the image is NaN"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -422,7 +422,7 @@ impl CellRun<'_> {
             distiller.load_checkpoint(&checkpoint)?;
         }
         let files = RunFiles {
-            checkpoint: &checkpoint,
+            checkpoint: Some(&checkpoint),
             checkpoint_every: self.config.checkpoint_every,
             history: Some(&history),
         };
