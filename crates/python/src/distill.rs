@@ -1,0 +1,240 @@
+//! `debiasdd.distill`: the CLI's `distill` as a function of arrays (or a `Split`), on the same
+//! engine and driver: checkpoints, resume, history, progress, Ctrl-C.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::DType;
+use debiasdd_data::ImageSet;
+use debiasdd_distill::{
+    DistillConfig, DistillError, Distiller, MatchMode, MethodKind, Overrides, Preset, RunFiles,
+    RunOutcome, drive,
+};
+use pyo3::exceptions::{PyFileNotFoundError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::arrays::image_set;
+use crate::dataset::{Dataset, Split};
+use crate::errors::{IntoPyResult, ToPyErr};
+use crate::progress::{Reporter, Value};
+use crate::synthetic::SyntheticSet;
+
+/// Parses a name with the library's `FromStr`, naming the argument on failure.
+pub(crate) fn parse<T: std::str::FromStr>(value: &str, name: &str) -> PyResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+}
+
+/// The real training images: a dataset's train split as it is stored (bytes), or arrays.
+enum Train {
+    Split(Split),
+    Images(ImageSet),
+}
+
+/// Distils a synthetic set from real images, as `debiasdd distill` does.
+#[pyfunction]
+#[pyo3(signature = (
+    images, labels = None, groups = None, *, n_classes = None, n_attributes = None,
+    method = "dc", mode = "group", ipc = 10, preset = "quick", iterations = None, init = None,
+    width = None, depth = None, batch_real = None, outer_loop = None, inner_loop = None,
+    lr_img = None, lr_net = None, distance = None, dsa = None, seed = 0, device = "cpu",
+    progress = None, checkpoint = None, checkpoint_every = 10, resume = false, history = None
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn distill(
+    py: Python<'_>,
+    images: &Bound<'_, PyAny>,
+    labels: Option<&Bound<'_, PyAny>>,
+    groups: Option<&Bound<'_, PyAny>>,
+    n_classes: Option<usize>,
+    n_attributes: Option<usize>,
+    method: &str,
+    mode: &str,
+    ipc: usize,
+    preset: &str,
+    iterations: Option<usize>,
+    init: Option<&str>,
+    width: Option<usize>,
+    depth: Option<usize>,
+    batch_real: Option<usize>,
+    outer_loop: Option<usize>,
+    inner_loop: Option<usize>,
+    lr_img: Option<f64>,
+    lr_net: Option<f64>,
+    distance: Option<&str>,
+    dsa: Option<bool>,
+    seed: u64,
+    device: &str,
+    progress: Option<&Bound<'_, PyAny>>,
+    checkpoint: Option<PathBuf>,
+    checkpoint_every: usize,
+    resume: bool,
+    history: Option<PathBuf>,
+) -> PyResult<SyntheticSet> {
+    let method: MethodKind = parse(method, "method")?;
+    let mode: MatchMode = parse(mode, "mode")?;
+    let preset: Preset = parse(preset, "preset")?;
+    let overrides = Overrides {
+        iterations,
+        batch_real,
+        lr_img,
+        init: init.map(|s| parse(s, "init")).transpose()?,
+        width,
+        depth,
+        seed: Some(seed),
+        dsa,
+        outer_loop,
+        inner_loop,
+        lr_net,
+        distance: distance.map(|s| parse(s, "distance")).transpose()?,
+    };
+    let config = DistillConfig::preset(method, preset, mode, ipc)
+        .with_overrides(&overrides)
+        .py()?;
+    config.validate().py()?;
+    if checkpoint_every == 0 {
+        return Err(PyValueError::new_err(
+            "checkpoint_every is 0: checkpoint at least every 1 iteration",
+        ));
+    }
+    let resume_from = match (&checkpoint, resume) {
+        (Some(path), true) if path.exists() => Some(path.clone()),
+        (Some(path), true) => {
+            return Err(PyFileNotFoundError::new_err(format!(
+                "resume=True, but the checkpoint {} does not exist; run without resume=True to \
+                 start afresh",
+                path.display()
+            )));
+        }
+        (None, true) => {
+            return Err(PyValueError::new_err(
+                "resume=True needs checkpoint=PATH: the file to continue from",
+            ));
+        }
+        (_, false) => None,
+    };
+    let train = training_images(images, labels, groups, n_classes, n_attributes)?;
+    let groups_known = match &train {
+        Train::Split(split) => split.inner().1.attributes_known(),
+        Train::Images(set) => set.groups.iter().all(Option::is_some),
+    };
+    if mode != MatchMode::Class && !groups_known {
+        return Err(PyValueError::new_err(format!(
+            "mode {mode:?} needs every image's group, and some (or all) have none; pass groups=, \
+             infer them with debiasdd.infer_groups, or use mode=\"class\"",
+            mode = mode.name()
+        )));
+    }
+    let device = debiasdd_model::device::parse_device(device).py()?;
+    let mut reporter = Reporter::new(progress)?;
+    let iterations = config.settings.iterations;
+    let stop = AtomicBool::new(false);
+    let outcome = py.detach(|| -> Result<Option<_>, DistillError> {
+        let mut distiller = match &train {
+            Train::Split(split) => Distiller::new(config, split.inner().1, &device, DType::F32)?,
+            Train::Images(set) => Distiller::on_images(config, set, &device, DType::F32)?,
+        };
+        if let Some(path) = &resume_from {
+            distiller.load_checkpoint(path)?;
+        }
+        let files = RunFiles {
+            checkpoint: checkpoint.as_deref(),
+            checkpoint_every,
+            history: history.as_deref(),
+        };
+        let outcome = drive(&mut distiller, files, &stop, &mut |_, stats| {
+            let fields = [
+                ("iteration", Value::Count(stats.iteration)),
+                ("iterations", Value::Count(iterations)),
+                ("loss", Value::Real(stats.loss)),
+                ("seconds", Value::Real(stats.seconds)),
+            ];
+            let flow = reporter.report(&fields, || {
+                format!(
+                    "distill: iteration {}/{iterations}  loss {:.4}  {:.2} s/it",
+                    stats.iteration, stats.loss, stats.seconds
+                )
+            });
+            if flow.is_break() {
+                stop.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        })?;
+        match outcome {
+            RunOutcome::Finished => distiller.synthetic_set().map(Some),
+            RunOutcome::Interrupted => Ok(None),
+        }
+    });
+    reporter.finish();
+    match outcome {
+        Ok(Some(set)) => Ok(SyntheticSet::new(set)),
+        Ok(None) => {
+            let err = reporter
+                .take_pending()
+                .expect("a run stops only when the reporter asked it to");
+            let note = match &checkpoint {
+                Some(path) => format!(
+                    "debiasdd: the distillation stopped; checkpoint {} holds its last iteration: \
+                     call distill again with the same arguments and resume=True to continue",
+                    path.display()
+                ),
+                None => "debiasdd: the distillation stopped; it had no checkpoint= file, so \
+                         its progress is lost"
+                    .to_owned(),
+            };
+            add_note(py, &err, &note);
+            Err(err)
+        }
+        Err(e) => Err(e.to_py()),
+    }
+}
+
+/// Attaches `note` to `err` (PEP 678, Python 3.11+; older Pythons just raise `err`).
+pub(crate) fn add_note(py: Python<'_>, err: &PyErr, note: &str) {
+    let value = err.value(py);
+    if value.hasattr("add_note").unwrap_or(false) {
+        let _ = value.call_method1("add_note", (note,));
+    }
+}
+
+/// `images` as the training set: a `Split` or `Dataset` (its train split), or arrays.
+fn training_images(
+    images: &Bound<'_, PyAny>,
+    labels: Option<&Bound<'_, PyAny>>,
+    groups: Option<&Bound<'_, PyAny>>,
+    n_classes: Option<usize>,
+    n_attributes: Option<usize>,
+) -> PyResult<Train> {
+    let given_split = if let Ok(dataset) = images.cast::<Dataset>() {
+        Some(dataset.get().train_split())
+    } else if let Ok(split) = images.cast::<Split>() {
+        Some(split.get().clone_ref())
+    } else {
+        None
+    };
+    match given_split {
+        Some(split) => {
+            if labels.is_some() || groups.is_some() || n_classes.is_some() || n_attributes.is_some()
+            {
+                return Err(PyValueError::new_err(
+                    "images is a Dataset or Split, which carries its labels and groups: pass \
+                     labels, groups, n_classes and n_attributes only with image arrays",
+                ));
+            }
+            Ok(Train::Split(split))
+        }
+        None => {
+            let labels = labels.ok_or_else(|| {
+                PyValueError::new_err(
+                    "labels are missing: pass labels= with image arrays (or a Dataset or Split \
+                     as images)",
+                )
+            })?;
+            image_set(images, labels, groups, n_classes, n_attributes).map(Train::Images)
+        }
+    }
+}

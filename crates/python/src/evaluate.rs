@@ -1,0 +1,176 @@
+//! `debiasdd.evaluate`: trains fresh networks on a synthetic set (or a real split) and scores
+//! them on a dataset's unbiased test split, as `debiasdd evaluate` does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use debiasdd_data::{ImageSet, Normalization};
+use debiasdd_eval::EvalError;
+use debiasdd_eval::evaluate::{EvalConfig, EvalProgress, evaluate_until};
+use debiasdd_eval::train::TrainConfig;
+use debiasdd_model::{ConvNetConfig, ModelConfig, Norm};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::dataset::{Dataset, Split};
+use crate::distill::{add_note, parse};
+use crate::errors::{IntoPyResult, ToPyErr};
+use crate::progress::{Reporter, Value};
+use crate::synthetic::SyntheticSet;
+
+/// Trains `models` networks on `synthetic` and scores them on `dataset`'s test split.
+#[pyfunction]
+#[pyo3(signature = (
+    dataset, synthetic, *, models = 2, epochs = None, augment = true, dsa = false,
+    width = 128, depth = 3, norm = "instance", seed = 0, device = "cpu", progress = None,
+    heatmap = None
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate<'py>(
+    py: Python<'py>,
+    dataset: &Dataset,
+    synthetic: &Bound<'py, PyAny>,
+    models: usize,
+    epochs: Option<usize>,
+    augment: bool,
+    dsa: bool,
+    width: usize,
+    depth: usize,
+    norm: &str,
+    seed: u64,
+    device: &str,
+    progress: Option<&Bound<'py, PyAny>>,
+    heatmap: Option<PathBuf>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (set, normalization): (Arc<ImageSet>, Normalization) = if let Ok(s) =
+        synthetic.cast::<SyntheticSet>()
+    {
+        let s = &s.get().inner;
+        (Arc::new(s.set.clone()), s.norm.clone())
+    } else if let Ok(split) = synthetic.cast::<Split>() {
+        let (_, split) = split.get().inner();
+        (
+            Arc::new(ImageSet::from_split(split)),
+            Normalization::of_split(split),
+        )
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "synthetic: expected a SyntheticSet (from debiasdd.distill, debiasdd.load_synthetic \
+                 or SyntheticSet(images, labels)) or a Split, got {}",
+            synthetic.get_type().name()?
+        )));
+    };
+    if dsa && !augment {
+        return Err(PyValueError::new_err(
+            "dsa=True trains with DSA augmentation; augment=False asks for none: pick one",
+        ));
+    }
+    let protocol = if dsa {
+        TrainConfig::dsa()
+    } else {
+        TrainConfig::dc(augment)
+    };
+    let config = EvalConfig {
+        model: ModelConfig::ConvNet(ConvNetConfig {
+            width,
+            depth,
+            norm: parse::<Norm>(norm, "norm")?,
+            ..ConvNetConfig::default()
+        }),
+        train: TrainConfig {
+            epochs: epochs.unwrap_or(protocol.epochs),
+            ..protocol
+        },
+        n_models: models,
+        seed,
+    };
+    let device = debiasdd_model::device::parse_device(device).py()?;
+    let data = Arc::clone(&dataset.inner);
+    let mut reporter = Reporter::new(progress)?;
+    let epochs = config.train.epochs;
+    let result = py.detach(|| {
+        evaluate_until(
+            &set,
+            &normalization,
+            &data,
+            &config,
+            &device,
+            &mut |p| match p {
+                EvalProgress::Epoch {
+                    model,
+                    n_models,
+                    report,
+                } => reporter.report(
+                    &[
+                        ("model", Value::Count(model)),
+                        ("models", Value::Count(n_models)),
+                        ("epoch", Value::Count(report.epoch)),
+                        ("epochs", Value::Count(epochs)),
+                        ("loss", Value::Real(report.loss)),
+                        ("accuracy", Value::Real(report.accuracy)),
+                    ],
+                    || {
+                        format!(
+                            "evaluate: model {}/{n_models}  epoch {}/{epochs}  loss {:.4}",
+                            model + 1,
+                            report.epoch,
+                            report.loss
+                        )
+                    },
+                ),
+                EvalProgress::Scored { .. } => reporter.check(),
+            },
+        )
+    });
+    reporter.finish();
+    let report = match result {
+        Ok(report) => report,
+        Err(EvalError::Stopped) => {
+            let err = reporter
+                .take_pending()
+                .expect("an evaluation stops only when the reporter asked it to");
+            add_note(
+                py,
+                &err,
+                "debiasdd: the evaluation stopped; nothing was scored",
+            );
+            return Err(err);
+        }
+        Err(e) => return Err(e.to_py()),
+    };
+    if let Some(path) = &heatmap {
+        debiasdd_eval::heatmap::write_group_heatmap(
+            &report.summary.group_accuracy_mean,
+            path,
+            data.info.attribute_colours.as_deref(),
+        )
+        .py()?;
+    }
+    // The summary's metrics at the top (accuracy, worst_group_accuracy, ... as {mean, std}),
+    // then the rest of the CLI's JSON report.
+    let json = py.import("json")?;
+    let out: Bound<'py, PyDict> = json
+        .call_method1(
+            "loads",
+            (serde_json::to_string(&report.summary).expect("serialises"),),
+        )?
+        .cast_into()?;
+    out.set_item(
+        "runs",
+        json.call_method1(
+            "loads",
+            (serde_json::to_string(&report.runs).expect("serialises"),),
+        )?,
+    )?;
+    out.set_item(
+        "config",
+        json.call_method1(
+            "loads",
+            (serde_json::to_string(&report.config).expect("serialises"),),
+        )?,
+    )?;
+    out.set_item("n_train", report.n_train)?;
+    out.set_item("n_test", report.n_test)?;
+    Ok(out)
+}
