@@ -33,8 +33,22 @@ fn contiguous<'py>(
     np.call_method1("ascontiguousarray", (array, np.getattr(dtype)?))
 }
 
-/// Images as `float32` `N x C x H x W` pixel values in [0, 1] with every value finite.
-pub(crate) fn images(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(ImageShape, Vec<f32>)> {
+/// Which values images may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pixels {
+    /// Real images: [0, 1].
+    Real,
+    /// Synthetic images: pixel space, not clipped (any finite value).
+    Synthetic,
+}
+
+/// Images as `float32` `N x C x H x W` with every value finite (and in [0, 1] for
+/// [`Pixels::Real`]).
+pub(crate) fn images(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    pixels: Pixels,
+) -> PyResult<(ImageShape, Vec<f32>)> {
     let array = contiguous(
         obj,
         name,
@@ -65,7 +79,8 @@ pub(crate) fn images(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(ImageShape
             values[at]
         )));
     }
-    if let Some(at) = values.iter().position(|v| !(0.0..=1.0).contains(v)) {
+    let outside = values.iter().position(|v| !(0.0..=1.0).contains(v));
+    if let (Pixels::Real, Some(at)) = (pixels, outside) {
         return Err(PyValueError::new_err(format!(
             "{name}[{}]: value {} is {}, outside [0, 1]; pass pixel values in [0, 1] (divide \
              0-255 images by 255, undo a normalisation), or clip them with numpy.clip",
@@ -131,18 +146,19 @@ pub(crate) fn label_array<'py>(py: Python<'py>, labels: &[u8]) -> PyResult<Bound
     )
 }
 
-/// A training set from arrays: `images` (see [`images`]), `labels` (ints in 0..n_classes) and
+/// A training set from arrays: `images` (see [`images`] and `pixels`), `labels` (ints in 0..n_classes) and
 /// optional `groups` (ints, `label * n_attributes + attribute`, -1 for none). `n_classes`
 /// defaults to the largest label + 1; `n_attributes` to the one layout the groups fit, or 1
 /// without groups.
 pub(crate) fn image_set(
+    pixels: Pixels,
     images_obj: &Bound<'_, PyAny>,
     labels_obj: &Bound<'_, PyAny>,
     groups_obj: Option<&Bound<'_, PyAny>>,
     n_classes: Option<usize>,
     n_attributes: Option<usize>,
 ) -> PyResult<ImageSet> {
-    let (shape, values) = images(images_obj, "images")?;
+    let (shape, values) = images(images_obj, "images", pixels)?;
     let n = values.len() / shape.numel();
     let raw_labels = integers(labels_obj, "labels", n)?;
     let max_label = raw_labels.iter().copied().max().unwrap_or(0);

@@ -13,6 +13,7 @@ use pyo3::types::PyTuple;
 
 use crate::arrays::{array, group_array, label_array, split_images};
 use crate::errors::IntoPyResult;
+use crate::json::to_python;
 
 /// A labelled image dataset with bias attributes: three splits (`train`, `valid`, `test`) of
 /// images, class labels and attributes, and its group layout (group = class x attribute).
@@ -175,20 +176,18 @@ impl Dataset {
     /// The dataset's description (name, classes, attributes, shape, how it was made) as a dict.
     #[getter]
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let json = serde_json::to_string(&self.inner.info).expect("info serialises");
-        py.import("json")?.call_method1("loads", (json,))
+        to_python(py, &self.inner.info)
     }
 
     /// `None`, or, when the train split's groups were inferred (`debiasdd.infer_groups`), how.
     #[getter]
     fn inferred<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        match &self.inner.info.inferred {
-            None => Ok(None),
-            Some(inferred) => {
-                let json = serde_json::to_string(inferred).expect("inferred groups serialise");
-                Ok(Some(py.import("json")?.call_method1("loads", (json,))?))
-            }
-        }
+        self.inner
+            .info
+            .inferred
+            .as_ref()
+            .map(|inferred| to_python(py, inferred))
+            .transpose()
     }
 
     /// Writes the dataset file (safetensors) that `debiasdd.load` and the CLI read.

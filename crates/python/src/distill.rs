@@ -13,7 +13,7 @@ use debiasdd_distill::{
 use pyo3::exceptions::{PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::arrays::image_set;
+use crate::arrays::{Pixels, image_set};
 use crate::dataset::{Dataset, Split};
 use crate::errors::{IntoPyResult, ToPyErr};
 use crate::progress::{Reporter, Value};
@@ -173,9 +173,6 @@ pub fn distill(
     match outcome {
         Ok(Some(set)) => Ok(SyntheticSet::new(set)),
         Ok(None) => {
-            let err = reporter
-                .take_pending()
-                .expect("a run stops only when the reporter asked it to");
             let note = match &checkpoint {
                 Some(path) => format!(
                     "debiasdd: the distillation stopped; checkpoint {} holds its last iteration: \
@@ -186,18 +183,9 @@ pub fn distill(
                          its progress is lost"
                     .to_owned(),
             };
-            add_note(py, &err, &note);
-            Err(err)
+            Err(reporter.stopped(py, &note))
         }
         Err(e) => Err(e.to_py()),
-    }
-}
-
-/// Attaches `note` to `err` (PEP 678, Python 3.11+; older Pythons just raise `err`).
-pub(crate) fn add_note(py: Python<'_>, err: &PyErr, note: &str) {
-    let value = err.value(py);
-    if value.hasattr("add_note").unwrap_or(false) {
-        let _ = value.call_method1("add_note", (note,));
     }
 }
 
@@ -234,7 +222,15 @@ fn training_images(
                      as images)",
                 )
             })?;
-            image_set(images, labels, groups, n_classes, n_attributes).map(Train::Images)
+            image_set(
+                Pixels::Real,
+                images,
+                labels,
+                groups,
+                n_classes,
+                n_attributes,
+            )
+            .map(Train::Images)
         }
     }
 }

@@ -14,8 +14,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::dataset::{Dataset, Split};
-use crate::distill::{add_note, parse};
+use crate::distill::parse;
 use crate::errors::{IntoPyResult, ToPyErr};
+use crate::json::to_python;
 use crate::progress::{Reporter, Value};
 use crate::synthetic::SyntheticSet;
 
@@ -127,15 +128,9 @@ pub fn evaluate<'py>(
     let report = match result {
         Ok(report) => report,
         Err(EvalError::Stopped) => {
-            let err = reporter
-                .take_pending()
-                .expect("an evaluation stops only when the reporter asked it to");
-            add_note(
-                py,
-                &err,
-                "debiasdd: the evaluation stopped; nothing was scored",
+            return Err(
+                reporter.stopped(py, "debiasdd: the evaluation stopped; nothing was scored")
             );
-            return Err(err);
         }
         Err(e) => return Err(e.to_py()),
     };
@@ -149,27 +144,9 @@ pub fn evaluate<'py>(
     }
     // The summary's metrics at the top (accuracy, worst_group_accuracy, ... as {mean, std}),
     // then the rest of the CLI's JSON report.
-    let json = py.import("json")?;
-    let out: Bound<'py, PyDict> = json
-        .call_method1(
-            "loads",
-            (serde_json::to_string(&report.summary).expect("serialises"),),
-        )?
-        .cast_into()?;
-    out.set_item(
-        "runs",
-        json.call_method1(
-            "loads",
-            (serde_json::to_string(&report.runs).expect("serialises"),),
-        )?,
-    )?;
-    out.set_item(
-        "config",
-        json.call_method1(
-            "loads",
-            (serde_json::to_string(&report.config).expect("serialises"),),
-        )?,
-    )?;
+    let out: Bound<'py, PyDict> = to_python(py, &report.summary)?.cast_into()?;
+    out.set_item("runs", to_python(py, &report.runs)?)?;
+    out.set_item("config", to_python(py, &report.config)?)?;
     out.set_item("n_train", report.n_train)?;
     out.set_item("n_test", report.n_test)?;
     Ok(out)

@@ -9,8 +9,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::dataset::Dataset;
-use crate::distill::{add_note, parse};
+use crate::distill::parse;
 use crate::errors::{IntoPyResult, ToPyErr};
+use crate::json::to_python;
 use crate::progress::{Reporter, Value};
 
 /// Infers the train groups of `dataset`; returns `(dataset with inferred train groups, report)`.
@@ -88,15 +89,10 @@ pub fn infer_groups<'py>(
     let inference = match result {
         Ok(inference) => inference,
         Err(InferError::Stopped) => {
-            let err = reporter
-                .take_pending()
-                .expect("an inference stops only when the reporter asked it to");
-            add_note(
+            return Err(reporter.stopped(
                 py,
-                &err,
                 "debiasdd: the group inference stopped; nothing was inferred",
-            );
-            return Err(err);
+            ));
         }
         Err(e) => return Err(e.to_py()),
     };
@@ -106,10 +102,7 @@ pub fn infer_groups<'py>(
             .write_heatmap(path, data.info.attribute_colours.as_deref())
             .py()?;
     }
-    let report = py.import("json")?.call_method1(
-        "loads",
-        (serde_json::to_string(&inference.report).expect("the report serialises"),),
-    )?;
+    let report = to_python(py, &inference.report)?;
     PyTuple::new(
         py,
         [

@@ -16,6 +16,7 @@ mod distill;
 mod errors;
 mod evaluate;
 mod infer;
+mod json;
 mod progress;
 mod synthetic;
 

@@ -127,8 +127,16 @@ impl Reporter {
         }
     }
 
-    /// The exception that stopped the work, if it was stopped.
-    pub(crate) fn take_pending(&mut self) -> Option<PyErr> {
-        self.pending.take()
+    /// The exception that stopped the work, with `note` attached (PEP 678, Python 3.11+;
+    /// older Pythons raise it without).
+    pub(crate) fn stopped(&mut self, py: Python<'_>, note: &str) -> PyErr {
+        let err = self.pending.take().unwrap_or_else(|| {
+            pyo3::exceptions::PyRuntimeError::new_err("the work stopped without a reason")
+        });
+        let value = err.value(py);
+        if value.hasattr("add_note").unwrap_or(false) {
+            let _ = value.call_method1("add_note", (note,));
+        }
+        err
     }
 }

@@ -9,8 +9,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use crate::arrays::{group_array, image_array, image_set, label_array};
+use crate::arrays::{Pixels, group_array, image_array, image_set, label_array};
 use crate::errors::IntoPyResult;
+use crate::json::from_json;
 
 /// A small training set: `.images` (float32 N x C x H x W, pixel space: the [0, 1] scale of the
 /// real images, not clipped), `.labels`, `.groups` (int64, -1 for none), and the per-channel
@@ -46,7 +47,14 @@ impl SyntheticSet {
         mean: Option<Vec<f32>>,
         std: Option<Vec<f32>>,
     ) -> PyResult<Self> {
-        let set = image_set(images, labels, groups, n_classes, n_attributes)?;
+        let set = image_set(
+            Pixels::Synthetic,
+            images,
+            labels,
+            groups,
+            n_classes,
+            n_attributes,
+        )?;
         let own = Normalization::of_images(&set);
         let norm = Normalization {
             mean: mean.unwrap_or(own.mean),
@@ -106,12 +114,11 @@ impl SyntheticSet {
     /// What made the set (method, settings, iterations done) as a dict, or `None`.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        match &self.inner.config {
-            None => Ok(None),
-            Some(json) => Ok(Some(
-                py.import("json")?.call_method1("loads", (json.as_str(),))?,
-            )),
-        }
+        self.inner
+            .config
+            .as_deref()
+            .map(|json| from_json(py, json))
+            .transpose()
     }
 
     /// Writes the synthetic-set file: safetensors with `images` (F32), `labels` and `groups`

@@ -66,6 +66,10 @@ def test_non_finite_and_out_of_range_pixels(tiny):
         distill(bad, labels, groups)
     with pytest.raises(ValueError, match=r"outside \[0, 1\].*divide"):
         distill(images * 255, labels, groups)
+    # A synthetic set is pixel space but not clipped: any finite value; NaN still refused.
+    assert debiasdd.SyntheticSet(images * 2 - 0.5, labels, groups).images.min() < 0
+    with pytest.raises(ValueError, match=r"images\[5\]: value \d+ is NaN"):
+        debiasdd.SyntheticSet(bad, labels, groups)
 
 
 def test_bad_settings(tiny):
