@@ -245,7 +245,13 @@ pub fn load(py: Python<'_>, path: PathBuf) -> PyResult<Dataset> {
         .map(Dataset::new)
 }
 
-/// Builds a benchmark dataset, as `debiasdd generate` does.
+/// Builds a benchmark dataset as ``debiasdd generate`` does.
+///
+/// ``mnist_dir``: the folder of the four IDX files (MNIST, or Fashion-MNIST for the cfmnist
+/// presets); with ``preset="cifar10s"`` the CIFAR-10 binary archive or its folder. ``ratio``:
+/// the share of bias-conflicting training images, in [0, 1]. ``verify`` checks the files'
+/// checksums.
+// Python's `help()` text; debiasdd.pyi has the same docstring for editors: keep them equal.
 #[pyfunction]
 #[pyo3(signature = (mnist_dir, ratio, seed = 0, preset = "seed", *, dataset = None, train_size = None, valid_size = None, jitter = None, verify = true))]
 #[allow(clippy::too_many_arguments)]

@@ -35,7 +35,23 @@ enum Train {
     Images(ImageSet),
 }
 
-/// Distils a synthetic set from real images, as `debiasdd distill` does.
+/// Distils ``ipc`` synthetic images per class from real images, as ``debiasdd distill``.
+///
+/// ``images``: float32 N x C x H x W in [0, 1] with ``labels`` (and ``groups`` for the group
+/// modes: label * n_attributes + attribute), or a Dataset (its train split) or Split.
+/// ``n_classes`` defaults to the largest label + 1, ``n_attributes`` to the one layout the
+/// groups fit (an error says when it is ambiguous). ``mode``: "class" (vanilla), "group"
+/// (debiased: one term per group), "class-vs-groups" (FairDD), "class-vs-group-mean" (COBRA).
+/// ``preset`` sets everything not given (quick: minutes on a laptop CPU; paper: the method's
+/// protocol); the other keywords are the CLI's options of the same name. ``device``: "cpu",
+/// "cuda[:N]" (a build with the cuda feature). Same seed and device, same result.
+///
+/// ``progress(info)`` is called after every iteration with ``iteration``, ``iterations``,
+/// ``loss`` and ``seconds``; raising in it stops the run (the exception propagates).
+/// ``checkpoint``: written every ``checkpoint_every`` iterations, at the end and on Ctrl-C;
+/// ``resume=True`` continues from it (same settings; ``iterations`` may grow). ``history``:
+/// one JSON line per iteration.
+// Python's `help()` text; debiasdd.pyi has the same docstring for editors: keep them equal.
 #[pyfunction]
 #[pyo3(signature = (
     images, labels = None, groups = None, *, n_classes = None, n_attributes = None,

@@ -20,7 +20,18 @@ use crate::json::to_python;
 use crate::progress::{Reporter, Value};
 use crate::synthetic::SyntheticSet;
 
-/// Trains `models` networks on `synthetic` and scores them on `dataset`'s test split.
+/// Trains ``models`` fresh ConvNets on ``synthetic`` and scores them on ``dataset``'s
+/// unbiased test split, as ``debiasdd evaluate``.
+///
+/// Protocol: DC's (1000 epochs with its augmentation, 300 with ``augment=False``), or DSA's
+/// with ``dsa=True``; ``epochs`` overrides. Returns the CLI report's summary at the top:
+/// ``accuracy``, ``aligned_accuracy``, ``conflicting_accuracy``, ``worst_group_accuracy``,
+/// ``deo_max``, ``deo_mean`` (each ``{"mean", "std"}`` over the models, in %; the aligned and
+/// conflicting ones None when there are no such test images), ``group_accuracy_mean`` (the
+/// classes x attributes matrix), ``n_runs``; then ``runs`` (per model), ``config``, ``n_train``,
+/// ``n_test``. ``progress(info)`` gets ``model``, ``models``, ``epoch``, ``epochs``, ``loss``,
+/// ``accuracy`` after every epoch. ``heatmap``: a PNG of the per-group accuracy.
+// Python's `help()` text; debiasdd.pyi has the same docstring for editors: keep them equal.
 #[pyfunction]
 #[pyo3(signature = (
     dataset, synthetic, *, models = 2, epochs = None, augment = true, dsa = false,

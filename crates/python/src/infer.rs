@@ -14,7 +14,14 @@ use crate::errors::{IntoPyResult, ToPyErr};
 use crate::json::to_python;
 use crate::progress::{Reporter, Value};
 
-/// Infers the train groups of `dataset`; returns `(dataset with inferred train groups, report)`.
+/// Infers the train split's groups from its class labels alone, as ``debiasdd
+/// infer-groups``: cross-fitted bias models (GCE), then groups from their predictions or
+/// k-means on their features. Returns the dataset with inferred train groups (valid and test
+/// keep the annotations; ``distill`` and ``evaluate`` take it unchanged) and the report
+/// (counts, the bias models' accuracy, and, when the data had annotations, the agreement with
+/// them). ``progress(info)`` gets ``fold``, ``folds``, ``epoch``, ``epochs``, ``loss``,
+/// ``accuracy`` after every epoch.
+// Python's `help()` text; debiasdd.pyi has the same docstring for editors: keep them equal.
 #[pyfunction]
 #[pyo3(signature = (
     dataset, *, method = "auto", clusters = None, epochs = None, folds = None, q = None,

@@ -22,7 +22,12 @@ mod synthetic;
 
 use pyo3::prelude::*;
 
-/// debiasdd: debiased dataset distillation (see `help(debiasdd)` and debiasdd.pyi).
+/// debiasdd: debiased dataset distillation on a Rust engine.
+///
+/// load / generate a Dataset (numpy splits), distill a SyntheticSet from it (DC or DM; per
+/// class, per group, FairDD, COBRA), evaluate it on the unbiased test split, infer_groups when
+/// the data has no bias labels. See help(debiasdd.distill) and the others; every option of the
+/// `debiasdd` command line is a keyword of the same name.
 #[pymodule]
 #[pyo3(name = "debiasdd")]
 fn debiasdd_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
