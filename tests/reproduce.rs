@@ -300,3 +300,119 @@ fn grid_runs_on_an_imported_dataset_file() -> anyhow::Result<()> {
     assert!(!paths.datasets.exists());
     Ok(())
 }
+
+#[test]
+fn cells_run_as_parallel_tasks_give_the_serial_report() -> anyhow::Result<()> {
+    use debiasdd_reproduce::{Scope, run_scope};
+
+    let tmp = tempfile::tempdir()?;
+    let mnist = tmp.path().join("mnist");
+    std::fs::create_dir_all(&mnist)?;
+    debiasdd_cmnist::source::write_synthetic_source(&mnist, 500, 200)?;
+    let config = miniature();
+    let serial = Paths {
+        out: tmp.path().join("serial"),
+        datasets: tmp.path().join("cmnist-serial"),
+    };
+    assert_eq!(run(&config, &mnist, &serial, false)?.0, Outcome::Complete);
+
+    // Every cell as its own task, all at once, sharing one results folder and one (empty)
+    // datasets folder, as a job array does; then the report alone.
+    let sharded = Paths {
+        out: tmp.path().join("sharded"),
+        datasets: tmp.path().join("cmnist-sharded"),
+    };
+    let source = || {
+        Ok(GreySource::load(
+            &mnist,
+            SourceKind::Mnist,
+            Verification::Skip,
+        )?)
+    };
+    let n = debiasdd_reproduce::plan(&config).len();
+    let task = |scope: Scope| {
+        let stop = AtomicBool::new(false);
+        let mut started = 0;
+        let outcome = run_scope(
+            &config,
+            scope,
+            &source,
+            &sharded,
+            &Device::Cpu,
+            &stop,
+            &mut |e| {
+                if let Event::CellStarted { .. } = e {
+                    started += 1;
+                }
+            },
+        );
+        outcome.map(|o| (o, started))
+    };
+    let outcomes: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| s.spawn(move || task(Scope::Cell(i))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        assert_eq!(outcome?, (Outcome::Complete, 1), "cell {i}");
+    }
+    assert!(
+        !sharded.out.join("results.json").exists(),
+        "a cell task leaves the report alone"
+    );
+    assert_eq!(task(Scope::ReportOnly)?, (Outcome::Complete, 0));
+    // A finished cell is skipped.
+    assert_eq!(task(Scope::Cell(0))?, (Outcome::Complete, 0));
+
+    let read = |paths: &Paths| -> anyhow::Result<Results> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(
+            paths.out.join("results.json"),
+        )?)?)
+    };
+    let (a, b) = (read(&serial)?, read(&sharded)?);
+    assert!(a.pending.is_empty() && b.pending.is_empty());
+    assert_eq!(
+        serde_json::to_value(&a.summary)?,
+        serde_json::to_value(&b.summary)?
+    );
+    assert_eq!(a.cells.len(), b.cells.len());
+    for (x, y) in a.cells.iter().zip(&b.cells) {
+        assert_eq!(x.cell.id(), y.cell.id());
+        assert_eq!(
+            serde_json::to_value(&x.report.summary)?,
+            serde_json::to_value(&y.report.summary)?,
+            "{}",
+            x.cell.id()
+        );
+    }
+    // No temporary file is left behind.
+    for entry in walk(&sharded.out)
+        .into_iter()
+        .chain(walk(&sharded.datasets))
+    {
+        assert!(!entry.ends_with(".partial"), "{entry}");
+    }
+
+    let err = task(Scope::Cell(n)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("there is no cell {n}: this grid has {n}")),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// Every file below `dir`, as strings.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path.display().to_string());
+        }
+    }
+    out
+}

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use debiasdd_distill::{Init, MatchMode, MethodKind};
-use debiasdd_reproduce::{Event, Outcome, Paths, ReproduceConfig, ReproduceError, ReproducePreset};
+use debiasdd_reproduce::{
+    Event, Outcome, Paths, ReproduceConfig, ReproduceError, ReproducePreset, Scope,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::download;
@@ -76,6 +78,124 @@ pub struct ReproduceArgs {
     /// Accept MNIST files whose checksum differs from the published dataset.
     #[arg(long)]
     skip_checksum: bool,
+    /// List the grid's cells (index, id, done or not) and exit.
+    #[arg(long, conflicts_with_all = ["cell", "report_only", "emit_sbatch"])]
+    list_cells: bool,
+    /// Run only cell N of the grid (see --list-cells): one task of a job array. Without N the
+    /// index is read from SLURM_ARRAY_TASK_ID (Slurm) or JOB_COMPLETION_INDEX (Kubernetes
+    /// indexed jobs). A done cell is skipped; the report is not written (run --report-only
+    /// once every task is done).
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "env",
+          conflicts_with_all = ["report_only", "emit_sbatch"])]
+    cell: Option<String>,
+    /// Only rewrite the report (results.md, results.json, figures) from the finished cells.
+    #[arg(long, conflicts_with = "emit_sbatch")]
+    report_only: bool,
+    /// Write a Slurm submission script for this grid and exit: a job array with one task per
+    /// cell (one GPU each) and a job, dependent on it, that writes the report. Submit with
+    /// `bash FILE`.
+    #[arg(long, value_name = "FILE")]
+    emit_sbatch: Option<PathBuf>,
+    /// With --emit-sbatch: at most this many array tasks at once (--array=0-(N-1)%K).
+    #[arg(long, default_value_t = 8, requires = "emit_sbatch")]
+    max_parallel: usize,
+}
+
+/// The cell index of `--cell [N]`: N, or the job array's index from the environment.
+fn cell_index(value: &str) -> Result<usize> {
+    if value != "env" {
+        return value
+            .parse()
+            .with_context(|| format!("--cell {value}: not a cell index (0, 1, ...)"));
+    }
+    for var in ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"] {
+        if let Ok(v) = std::env::var(var) {
+            return v
+                .parse()
+                .with_context(|| format!("{var}={v}: not a cell index"));
+        }
+    }
+    anyhow::bail!(
+        "--cell without N reads the index from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX, and \
+         neither is set; pass --cell N (see --list-cells)"
+    )
+}
+
+/// `arg` quoted for a POSIX shell.
+fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
+/// The Slurm submission script of the grid in `out` (`cells` cells): a job array running
+/// `command --cell` per task and a dependent job running `command --report-only`.
+fn sbatch_script(
+    root: &std::path::Path,
+    out: &std::path::Path,
+    command: &[String],
+    cells: usize,
+    max_parallel: usize,
+) -> String {
+    let line = |extra: &str| {
+        let mut words: Vec<String> = command.iter().map(|w| shell_quote(w)).collect();
+        words.push(extra.to_owned());
+        words.join(" ")
+    };
+    let logs = out.join("slurm").display().to_string();
+    format!(
+        r#"#!/bin/bash
+# Submits the grid {out} to Slurm: {cells} cells as a job array (at most {max_parallel} at once,
+# one GPU each), then a job that writes the report once every task has ended. Written by
+# `cargo xtask reproduce ... --emit-sbatch`; edit the #SBATCH lines for your cluster
+# (partition, account, time), then run: bash THIS_FILE
+set -euo pipefail
+cd {root}
+mkdir -p {logs_q}
+array=$(sbatch --parsable <<'EOF'
+#!/bin/bash
+#SBATCH --job-name=debiasdd-grid
+#SBATCH --array=0-{last}%{max_parallel}
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=4
+#SBATCH --output={logs}/cell-%a.log
+cd {root}
+exec {cell_line}
+EOF
+)
+report=$(sbatch --parsable --dependency=afterany:${{array%%;*}} <<'EOF'
+#!/bin/bash
+#SBATCH --job-name=debiasdd-report
+#SBATCH --output={logs}/report.log
+cd {root}
+exec {report_line}
+EOF
+)
+echo "submitted the job array ${{array%%;*}} ({cells} cells) and the report job ${{report%%;*}}; logs in {logs}"
+"#,
+        out = out.display(),
+        root = shell_quote(&root.display().to_string()),
+        last = cells.saturating_sub(1),
+        logs_q = shell_quote(&logs),
+        cell_line = line("--cell"),
+        report_line = line("--report-only"),
+    )
+}
+
+/// This invocation's command line without `--emit-sbatch FILE` / `--max-parallel K`: what
+/// every task of the job array runs (the xtask binary itself, not `cargo`).
+fn task_command() -> Result<Vec<String>> {
+    let exe = std::env::current_exe().context("cannot find the xtask binary's path")?;
+    let mut command = vec![exe.display().to_string()];
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--emit-sbatch" | "--max-parallel" => {
+                args.next();
+            }
+            a if a.starts_with("--emit-sbatch=") || a.starts_with("--max-parallel=") => {}
+            _ => command.push(arg),
+        }
+    }
+    Ok(command)
 }
 
 impl ReproduceArgs {
@@ -138,6 +258,39 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
             .clone()
             .unwrap_or_else(|| root.join("data/cmnist")),
     };
+    let cells = debiasdd_reproduce::plan(&config);
+    if args.list_cells {
+        println!("{} cells of {}:", cells.len(), out.display());
+        for (index, cell) in cells.iter().enumerate() {
+            let done = debiasdd_reproduce::store::finished(&config, cell, &paths)?.is_some();
+            println!(
+                "{index:>4}  {:<40} {}",
+                cell.id(),
+                if done { "done" } else { "to do" }
+            );
+        }
+        return Ok(Outcome::Complete);
+    }
+    if let Some(file) = &args.emit_sbatch {
+        if args.max_parallel == 0 {
+            anyhow::bail!("--max-parallel 0: let at least 1 task run at once");
+        }
+        let script = sbatch_script(root, &out, &task_command()?, cells.len(), args.max_parallel);
+        std::fs::write(file, script).with_context(|| format!("cannot write {}", file.display()))?;
+        println!(
+            "wrote {}: {} cells as a Slurm job array (at most {} at once) and a report job; submit with `bash {}`",
+            file.display(),
+            cells.len(),
+            args.max_parallel,
+            file.display()
+        );
+        return Ok(Outcome::Complete);
+    }
+    let scope = match (&args.cell, args.report_only) {
+        (Some(value), _) => Scope::Cell(cell_index(value)?),
+        (None, true) => Scope::ReportOnly,
+        (None, false) => Scope::All,
+    };
     let source_args = download::Args {
         dataset: config.cmnist.source.into(),
         from: args.mnist_dir.clone(),
@@ -189,12 +342,43 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
     bar.enable_steady_tick(Duration::from_millis(250));
     // Progress is measured in the cells' relative costs, scaled to 1000 steps.
     let mut state = BarState::default();
-    let outcome = debiasdd_reproduce::run(&config, &source, &paths, &device, &stop, &mut |event| {
-        state.update(&bar, &config, event)
-    });
+    let outcome = debiasdd_reproduce::run_scope(
+        &config,
+        scope,
+        &source,
+        &paths,
+        &device,
+        &stop,
+        &mut |event| state.update(&bar, &config, event),
+    );
     bar.finish_and_clear();
     let outcome = outcome?;
     let elapsed = started.elapsed().as_secs_f64() / 60.0;
+    match scope {
+        Scope::ReportOnly => {
+            println!(
+                "reproduce: report rewritten: {}",
+                out.join("results.md").display()
+            );
+            return Ok(outcome);
+        }
+        Scope::Cell(index) => {
+            let id = cells[index].id();
+            match outcome {
+                Outcome::Complete if state.started == 0 => {
+                    println!("reproduce: cell {index} ({id}) was already done; skipped")
+                }
+                Outcome::Complete => println!(
+                    "reproduce: cell {index} ({id}) done ({elapsed:.1} min); write the report with --report-only once every cell is done"
+                ),
+                Outcome::Interrupted => println!(
+                    "reproduce: cell {index} ({id}) interrupted after {elapsed:.1} min; run the same command again to continue"
+                ),
+            }
+            return Ok(outcome);
+        }
+        Scope::All => {}
+    }
     match outcome {
         Outcome::Complete => println!(
             "reproduce: all cells done ({elapsed:.1} min this session). Report: {}",
@@ -221,6 +405,8 @@ fn say(bar: &ProgressBar, line: impl AsRef<str>) {
 /// Turns runner events into bar positions (in cost units) and log lines.
 #[derive(Debug, Default)]
 struct BarState {
+    /// Cells started in this run.
+    started: usize,
     total: usize,
     done: usize,
     total_cost: f64,
@@ -293,6 +479,7 @@ impl BarState {
                 ),
             ),
             Event::CellStarted { cell, .. } => {
+                self.started += 1;
                 self.current_cost = cell.cost(config);
                 bar.set_prefix(format!("cells {}/{}  {}", self.done, self.total, cell.id()));
                 if bar.is_hidden() {

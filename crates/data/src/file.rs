@@ -369,13 +369,18 @@ fn legacy_cmnist_info(metadata: &HashMap<String, String>) -> DatasetInfo {
 
 /// Writes `bytes` to `path` through a sibling temporary file renamed into place, creating the
 /// folder: a crash never leaves half a file under the real name, and the file gets the usual
-/// mode under the umask (`std::fs::write`'s), not a temporary file's 0600.
+/// mode under the umask (`std::fs::write`'s), not a temporary file's 0600. The temporary name
+/// is unique to the process and the call, so writers of the same file at once (cells of a
+/// grid sharing a results folder) never write into each other's temporary file; the last
+/// rename wins, with a whole file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
+    tmp.push(format!(".{}-{n}.partial", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)

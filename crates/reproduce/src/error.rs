@@ -18,6 +18,11 @@ pub enum ReproduceError {
         "cell {id} in {dir} was computed with other settings; delete that folder to recompute it, or write the results elsewhere (--out)"
     )]
     StaleCell { id: String, dir: PathBuf },
+    #[error(
+        "there is no cell {index}: this grid has {total} (0 to {last}); `--list-cells` lists them, and a job array over it is --array=0-{last}",
+        last = total.saturating_sub(1)
+    )]
+    NoSuchCell { index: usize, total: usize },
     #[error("cannot write {path}: {problem}")]
     Write { path: PathBuf, problem: String },
     #[error("cannot read {path}: {problem}")]

@@ -25,5 +25,5 @@ pub mod summary;
 pub use cell::{Cell, Method, plan};
 pub use config::{DistillSettings, Distilled, GroupSource, ReproduceConfig, ReproducePreset};
 pub use error::ReproduceError;
-pub use run::{Event, Outcome, run};
+pub use run::{Event, Outcome, Scope, run, run_scope};
 pub use store::{CellResult, Paths};

@@ -199,10 +199,21 @@ fn inferred_dataset(
     Ok(inference.data)
 }
 
-/// Runs every unfinished cell of the grid, writing the report after each. `source` loads the
-/// grey MNIST files and is only called when a dataset must be generated. Setting `stop` makes
-/// the run end at the next safe point (after a distillation iteration, with a checkpoint; or
-/// after the current evaluation).
+/// Which part of the grid a call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every unfinished cell, the report rewritten after each.
+    All,
+    /// Cell `index` of [`plan`] alone (one task of a job array), skipped when it is done. The
+    /// report is left alone, so tasks sharing a results folder never race on it: a
+    /// [`Scope::ReportOnly`] call writes it once they are done.
+    Cell(usize),
+    /// Only the report, from the cells' `result.json` files; no cell runs.
+    ReportOnly,
+}
+
+/// Runs every unfinished cell of the grid, writing the report after each: [`run_scope`] with
+/// [`Scope::All`].
 pub fn run(
     config: &ReproduceConfig,
     source: &dyn Fn() -> Result<GreySource, ReproduceError>,
@@ -211,8 +222,35 @@ pub fn run(
     stop: &AtomicBool,
     observer: &mut dyn FnMut(Event<'_>),
 ) -> Result<Outcome, ReproduceError> {
+    run_scope(config, Scope::All, source, paths, device, stop, observer)
+}
+
+/// Runs the unfinished cells of `scope`. `source` loads the grey MNIST files and is only
+/// called when a dataset must be generated. Setting `stop` makes the run end at the next safe
+/// point (after a distillation iteration, with a checkpoint; or after the current evaluation).
+/// Every file is written atomically under a name of its own (cell folders, `result.json`) or
+/// with the same content by every writer (cached datasets and inferred groups), so cells of one
+/// grid may run at once in separate processes sharing the folders.
+pub fn run_scope(
+    config: &ReproduceConfig,
+    scope: Scope,
+    source: &dyn Fn() -> Result<GreySource, ReproduceError>,
+    paths: &Paths,
+    device: &Device,
+    stop: &AtomicBool,
+    observer: &mut dyn FnMut(Event<'_>),
+) -> Result<Outcome, ReproduceError> {
     config.validate()?;
     let cells = plan(config);
+    if let Scope::Cell(index) = scope
+        && index >= cells.len()
+    {
+        return Err(ReproduceError::NoSuchCell {
+            index,
+            total: cells.len(),
+        });
+    }
+    let writes_report = scope == Scope::All;
     let mut done = Vec::with_capacity(cells.len());
     for cell in &cells {
         done.push(finished(config, cell, paths)?.is_some());
@@ -229,11 +267,18 @@ pub fn run(
             .map(|(c, _)| cost(c))
             .sum(),
     });
-    report::write(config, paths)?;
+    match scope {
+        Scope::ReportOnly => {
+            report::write(config, paths)?;
+            return Ok(Outcome::Complete);
+        }
+        Scope::All => report::write(config, paths)?,
+        Scope::Cell(_) => {}
+    }
     let mut data: Option<(f64, u64, Dataset)> = None;
     let mut inferred: Option<(f64, u64, Dataset)> = None;
     for (index, cell) in cells.iter().enumerate() {
-        if done[index] {
+        if done[index] || matches!(scope, Scope::Cell(only) if only != index) {
             continue;
         }
         if stop.load(Ordering::SeqCst) {
@@ -289,7 +334,9 @@ pub fn run(
                     cell,
                     result: &result,
                 });
-                report::write(config, paths)?;
+                if writes_report {
+                    report::write(config, paths)?;
+                }
             }
             None => return Ok(Outcome::Interrupted),
         }
