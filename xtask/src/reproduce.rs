@@ -519,3 +519,57 @@ impl BarState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sbatch_script_runs_one_cell_per_task_and_then_the_report() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        let command = [
+            "/x/xtask",
+            "reproduce",
+            "--preset",
+            "paper",
+            "--out",
+            "my results",
+        ]
+        .map(String::from);
+        let script = sbatch_script(
+            std::path::Path::new("/repo"),
+            std::path::Path::new("/repo/results/paper"),
+            &command,
+            210,
+            8,
+        );
+        assert!(script.contains("#SBATCH --array=0-209%8"), "{script}");
+        assert!(script.contains("#SBATCH --gres=gpu:1"));
+        assert!(script.contains(
+            "exec '/x/xtask' 'reproduce' '--preset' 'paper' '--out' 'my results' --cell\n"
+        ));
+        assert!(script.contains("--dependency=afterany:${array%%;*}"));
+        assert!(script.contains("' --report-only\n"));
+        // The shell accepts it.
+        let path = std::env::temp_dir().join(format!("sbatch-{}.sh", std::process::id()));
+        std::fs::write(&path, &script).unwrap();
+        let status = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&path)
+            .status()
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn the_cell_index_comes_from_the_flag_or_the_job_array() {
+        assert_eq!(cell_index("7").unwrap(), 7);
+        assert!(
+            cell_index("seven")
+                .unwrap_err()
+                .to_string()
+                .contains("not a cell index")
+        );
+    }
+}
