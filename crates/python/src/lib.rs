@@ -26,8 +26,8 @@ use pyo3::prelude::*;
 ///
 /// load / generate a Dataset (numpy splits), distill a SyntheticSet from it (DC or DM; per
 /// class, per group, FairDD, COBRA), evaluate it on the unbiased test split, infer_groups when
-/// the data has no bias labels. See help(debiasdd.distill) and the others; every option of the
-/// `debiasdd` command line is a keyword of the same name.
+/// the data has no bias labels. See help(debiasdd.distill) and the others; the options of the
+/// `debiasdd` command line are keywords of the same names.
 #[pymodule]
 #[pyo3(name = "debiasdd")]
 fn debiasdd_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
