@@ -44,6 +44,25 @@ fn miniature() -> ReproduceConfig {
     c
 }
 
+/// A folder of tiny generated grey MNIST files under `tmp`.
+fn tiny_mnist(tmp: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let mnist = tmp.join("mnist");
+    std::fs::create_dir_all(&mnist)?;
+    debiasdd_cmnist::source::write_synthetic_source(&mnist, 500, 200)?;
+    Ok(mnist)
+}
+
+/// The grid's loader of the grey files in `mnist`.
+fn grey(mnist: &Path) -> impl Fn() -> Result<GreySource, ReproduceError> + Sync + '_ {
+    move || {
+        Ok(GreySource::load(
+            mnist,
+            SourceKind::Mnist,
+            Verification::Skip,
+        )?)
+    }
+}
+
 /// Runs the grid; returns the outcome and how many cells were started.
 fn run(
     config: &ReproduceConfig,
@@ -51,13 +70,7 @@ fn run(
     paths: &Paths,
     stop_after_first_iteration: bool,
 ) -> Result<(Outcome, usize), ReproduceError> {
-    let source = || {
-        Ok(GreySource::load(
-            mnist,
-            SourceKind::Mnist,
-            Verification::Skip,
-        )?)
-    };
+    let source = grey(mnist);
     let stop = AtomicBool::new(false);
     let mut started = 0;
     let outcome =
@@ -85,9 +98,7 @@ fn run(
 #[test]
 fn miniature_grid_writes_every_output_resumes_and_refuses_changed_settings() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    let mnist = tmp.path().join("mnist");
-    std::fs::create_dir_all(&mnist)?;
-    debiasdd_cmnist::source::write_synthetic_source(&mnist, 500, 200)?;
+    let mnist = tiny_mnist(tmp.path())?;
     let config = miniature();
     let paths = Paths {
         out: tmp.path().join("results/quick"),
@@ -306,9 +317,7 @@ fn cells_run_as_parallel_tasks_give_the_serial_report() -> anyhow::Result<()> {
     use debiasdd_reproduce::{Scope, run_scope};
 
     let tmp = tempfile::tempdir()?;
-    let mnist = tmp.path().join("mnist");
-    std::fs::create_dir_all(&mnist)?;
-    debiasdd_cmnist::source::write_synthetic_source(&mnist, 500, 200)?;
+    let mnist = tiny_mnist(tmp.path())?;
     let config = miniature();
     let serial = Paths {
         out: tmp.path().join("serial"),
@@ -322,13 +331,7 @@ fn cells_run_as_parallel_tasks_give_the_serial_report() -> anyhow::Result<()> {
         out: tmp.path().join("sharded"),
         datasets: tmp.path().join("cmnist-sharded"),
     };
-    let source = || {
-        Ok(GreySource::load(
-            &mnist,
-            SourceKind::Mnist,
-            Verification::Skip,
-        )?)
-    };
+    let source = grey(&mnist);
     let n = debiasdd_reproduce::plan(&config).len();
     let task = |scope: Scope| {
         let stop = AtomicBool::new(false);

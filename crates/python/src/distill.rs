@@ -112,11 +112,6 @@ pub fn distill(
         .with_overrides(&overrides)
         .py()?;
     config.validate().py()?;
-    if checkpoint_every == 0 {
-        return Err(PyValueError::new_err(
-            "checkpoint_every is 0: checkpoint at least every 1 iteration",
-        ));
-    }
     let resume_from = match (&checkpoint, resume) {
         (Some(path), true) if path.exists() => Some(path.clone()),
         (Some(path), true) => {

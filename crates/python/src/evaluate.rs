@@ -1,8 +1,8 @@
 //! `debiasdd.evaluate`: trains fresh networks on a synthetic set (or a real split) and scores
 //! them on a dataset's unbiased test split, as `debiasdd evaluate` does.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use debiasdd_data::{ImageSet, Normalization};
 use debiasdd_eval::EvalError;
@@ -55,16 +55,17 @@ pub fn evaluate<'py>(
     progress: Option<&Bound<'py, PyAny>>,
     heatmap: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (set, normalization): (Arc<ImageSet>, Normalization) = if let Ok(s) =
+    // A synthetic set is borrowed as it is; a real split is converted (and normalised) once.
+    let (set, normalization): (Cow<'_, ImageSet>, Cow<'_, Normalization>) = if let Ok(s) =
         synthetic.cast::<SyntheticSet>()
     {
         let s = &s.get().inner;
-        (Arc::new(s.set.clone()), s.norm.clone())
+        (Cow::Borrowed(&s.set), Cow::Borrowed(&s.norm))
     } else if let Ok(split) = synthetic.cast::<Split>() {
         let (_, split) = split.get().inner();
         (
-            Arc::new(ImageSet::from_split(split)),
-            Normalization::of_split(split),
+            Cow::Owned(ImageSet::from_split(split)),
+            Cow::Owned(Normalization::of_split(split)),
         )
     } else {
         return Err(PyTypeError::new_err(format!(
@@ -98,14 +99,14 @@ pub fn evaluate<'py>(
         seed,
     };
     let device = debiasdd_model::device::parse_device(device).py()?;
-    let data = Arc::clone(&dataset.inner);
+    let data = &dataset.inner;
     let mut reporter = Reporter::new(progress)?;
     let epochs = config.train.epochs;
     let result = py.detach(|| {
         evaluate_until(
             &set,
             &normalization,
-            &data,
+            data,
             &config,
             &device,
             &mut |p| match p {
