@@ -9,39 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::Device;
 use debiasdd_cmnist::{GreySource, SourceKind, Verification};
 use debiasdd_data::SyntheticSet;
-use debiasdd_distill::MatchMode;
 use debiasdd_reproduce::report::Results;
 use debiasdd_reproduce::{
     Event, Method, Outcome, Paths, ReproduceConfig, ReproduceError, ReproducePreset,
 };
 
+/// The smoke grid: one ratio, DC and DM class- and group-wise (annotated and inferred groups)
+/// of two iterations at width 8, floors and baselines, on 400 training images.
 fn miniature() -> ReproduceConfig {
-    let mut c = ReproduceConfig::preset(ReproducePreset::Quick);
-    c.ratios = vec![0.2];
-    c.retain(None, Some(&[MatchMode::Class, MatchMode::Group]));
-    c.cmnist.train_size = 400;
-    c.cmnist.valid_size = 0;
-    c.distill.iterations = Some(2);
-    c.distill.width = Some(8);
-    c.distill.outer_loop = Some(2);
-    c.distill.inner_loop = Some(1);
-    c.distill.batch_real = Some(8);
-    for eval in [&mut c.eval, &mut c.baseline] {
-        eval.model = debiasdd_model::ModelConfig::ConvNet(debiasdd_model::ConvNetConfig {
-            width: 8,
-            ..Default::default()
-        });
-        eval.n_models = 1;
-    }
-    c.eval.train.epochs = 2;
-    c.baseline.train.epochs = 0;
-    c.checkpoint_every = 1;
-    c.infer.epochs = 1;
-    c.infer.model = debiasdd_model::ModelConfig::ConvNet(debiasdd_model::ConvNetConfig {
-        width: 8,
-        ..Default::default()
-    });
-    c
+    ReproduceConfig::preset(ReproducePreset::Smoke)
 }
 
 /// A folder of tiny generated grey MNIST files under `tmp`.

@@ -12,6 +12,7 @@ mod cifar;
 mod cmnist;
 mod download;
 mod reproduce;
+mod slurm;
 
 /// The grid runs candle on many small buffers; mimalloc keeps them instead of returning them to
 /// the OS after every op (see the binary's allocator note).
@@ -37,6 +38,10 @@ enum Task {
     /// The source paper's experiment: ratios x methods x seeds, each cell generate -> distill ->
     /// evaluate, plus floors and full-data baselines; writes results/<preset>/ (resumable).
     Reproduce(reproduce::ReproduceArgs),
+    /// Check the grid's job-array path against a real Slurm on this machine (root): install
+    /// slurm-wlm and munge if missing, start private daemons, run the smoke grid serially and
+    /// as a job array, compare the reports, stop the daemons.
+    SlurmCheck(slurm::SlurmCheckArgs),
 }
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
         },
         Task::Cmnist(args) => cmnist::run(args, &project_root()).map(|()| done),
         Task::Bench(args) => bench::run(args, &project_root()).map(|()| done),
+        Task::SlurmCheck(args) => slurm::run(args, &project_root()).map(|()| done),
         Task::Reproduce(args) => {
             reproduce::run(args, &project_root()).map(|outcome| match outcome {
                 debiasdd_reproduce::Outcome::Complete => done,

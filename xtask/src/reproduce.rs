@@ -20,7 +20,9 @@ use crate::download;
 pub struct ReproduceArgs {
     /// demo: the story in minutes (ratio 0.01; DC and DM, class- against group-wise; floors);
     /// quick: every ratio on a 2-core CPU (DC class/group, DM over all four strata);
-    /// paper: the protocol (3 seeds, DC and DM over all four strata, width 128; a GPU job).
+    /// paper: the protocol (3 seeds, DC and DM over all four strata, width 128; a GPU job);
+    /// smoke: the plumbing in seconds (10 tiny cells, numbers meaningless), for checking an
+    /// install or a cluster setup.
     #[arg(long, default_value = "quick")]
     preset: ReproducePreset,
     /// The benchmark the grid runs on, a `debiasdd generate` preset: seed (the project's
@@ -34,8 +36,8 @@ pub struct ReproduceArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["benchmark", "ratios"])]
     data: Option<PathBuf>,
     /// Folder with the four grey IDX files (`NAME.gz` or raw; Fashion-MNIST for the cfmnist
-    /// benchmarks). Without it (and, for MNIST, without
-    /// $DEBIASDD_MNIST_DIR) they are downloaded into data/mnist.
+    /// benchmarks), read where they are. Without it (and, for MNIST, without
+    /// $DEBIASDD_MNIST_DIR) they are downloaded into data/mnist (data/fashion-mnist).
     #[arg(long, value_name = "DIR")]
     mnist_dir: Option<PathBuf>,
     /// cpu, cuda[:N] or metal (the latter two need `--features cuda` / `metal` on xtask).
@@ -99,6 +101,22 @@ pub struct ReproduceArgs {
     /// With --emit-sbatch: at most this many array tasks at once (--array=0-(N-1)%K).
     #[arg(long, default_value_t = 8, requires = "emit_sbatch")]
     max_parallel: usize,
+    /// With --emit-sbatch: CPU cores per task (--cpus-per-task).
+    #[arg(long, default_value_t = 4, requires = "emit_sbatch")]
+    cpus_per_task: usize,
+    /// With --emit-sbatch: GPUs per task (--gres=gpu:N); 0 for a CPU grid (then pass
+    /// --device cpu, the default).
+    #[arg(long, default_value_t = 1, requires = "emit_sbatch")]
+    gpus_per_task: usize,
+}
+
+/// What each task of the job array asks Slurm for.
+#[derive(Debug, Clone, Copy)]
+struct Resources {
+    /// At most this many tasks at once.
+    max_parallel: usize,
+    cpus_per_task: usize,
+    gpus_per_task: usize,
 }
 
 /// The cell index of `--cell [N]`: N, or the job array's index from the environment.
@@ -133,8 +151,24 @@ fn sbatch_script(
     out: &std::path::Path,
     command: &[String],
     cells: usize,
-    max_parallel: usize,
+    resources: Resources,
 ) -> String {
+    let Resources {
+        max_parallel,
+        cpus_per_task,
+        gpus_per_task,
+    } = resources;
+    let (gres, gpus) = match gpus_per_task {
+        0 => (String::new(), "no GPU".to_owned()),
+        1 => (
+            "#SBATCH --gres=gpu:1\n".to_owned(),
+            "one GPU each".to_owned(),
+        ),
+        n => (
+            format!("#SBATCH --gres=gpu:{n}\n"),
+            format!("{n} GPUs each"),
+        ),
+    };
     let line = |extra: &str| {
         let mut words: Vec<String> = command.iter().map(|w| shell_quote(w)).collect();
         words.push(extra.to_owned());
@@ -144,7 +178,7 @@ fn sbatch_script(
     format!(
         r#"#!/bin/bash
 # Submits the grid {out} to Slurm: {cells} cells as a job array (at most {max_parallel} at once,
-# one GPU each), then a job that writes the report once every task has ended. Written by
+# {gpus}, {cpus_per_task} CPU cores each), then a job that writes the report once every task has ended. Written by
 # `cargo xtask reproduce ... --emit-sbatch`; edit the #SBATCH lines for your cluster
 # (partition, account, time), then run: bash THIS_FILE
 set -euo pipefail
@@ -154,8 +188,7 @@ array=$(sbatch --parsable <<'EOF'
 #!/bin/bash
 #SBATCH --job-name=debiasdd-grid
 #SBATCH --array=0-{last}%{max_parallel}
-#SBATCH --gres=gpu:1
-#SBATCH --cpus-per-task=4
+{gres}#SBATCH --cpus-per-task={cpus_per_task}
 #SBATCH --output={logs}/cell-%a.log
 cd {root}
 exec {cell_line}
@@ -180,6 +213,14 @@ echo "submitted the job array ${{array%%;*}} ({cells} cells) and the report job 
     )
 }
 
+/// The flags that shape the submission script, not the tasks' command.
+const SBATCH_ONLY: [&str; 4] = [
+    "--emit-sbatch",
+    "--max-parallel",
+    "--cpus-per-task",
+    "--gpus-per-task",
+];
+
 /// This invocation's command line without `--emit-sbatch FILE` / `--max-parallel K`: what
 /// every task of the job array runs (the xtask binary itself, not `cargo`).
 fn task_command() -> Result<Vec<String>> {
@@ -188,10 +229,10 @@ fn task_command() -> Result<Vec<String>> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--emit-sbatch" | "--max-parallel" => {
+            a if SBATCH_ONLY.contains(&a) => {
                 args.next();
             }
-            a if a.starts_with("--emit-sbatch=") || a.starts_with("--max-parallel=") => {}
+            a if SBATCH_ONLY.iter().any(|f| a.starts_with(&format!("{f}="))) => {}
             _ => command.push(arg),
         }
     }
@@ -227,7 +268,7 @@ impl ReproduceArgs {
         if self.dsa || self.no_dsa {
             c.distill.dsa = Some(self.dsa);
         }
-        c.cmnist = debiasdd_cmnist::ColoredMnistConfig::new(self.benchmark, 0.0, 0);
+        c.set_benchmark(self.benchmark);
         Ok(c)
     }
 
@@ -275,7 +316,15 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
         if args.max_parallel == 0 {
             anyhow::bail!("--max-parallel 0: let at least 1 task run at once");
         }
-        let script = sbatch_script(root, &out, &task_command()?, cells.len(), args.max_parallel);
+        if args.cpus_per_task == 0 {
+            anyhow::bail!("--cpus-per-task 0: a task needs at least 1 CPU core");
+        }
+        let resources = Resources {
+            max_parallel: args.max_parallel,
+            cpus_per_task: args.cpus_per_task,
+            gpus_per_task: args.gpus_per_task,
+        };
+        let script = sbatch_script(root, &out, &task_command()?, cells.len(), resources);
         std::fs::write(file, script).with_context(|| format!("cannot write {}", file.display()))?;
         println!(
             "wrote {}: {} cells as a Slurm job array (at most {} at once) and a report job; submit with `bash {}`",
@@ -291,15 +340,40 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
         (None, true) => Scope::ReportOnly,
         (None, false) => Scope::All,
     };
+    // A given folder is read where it is (its files as they are, with --skip-checksum); only
+    // without one are the files fetched into data/<dataset>.
+    let kind = config.cmnist.source;
+    let local = args.mnist_dir.clone().or_else(|| match kind {
+        debiasdd_cmnist::SourceKind::Mnist => std::env::var_os(download::MNIST_DIR_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from),
+        debiasdd_cmnist::SourceKind::FashionMnist => None,
+    });
     let source_args = download::Args {
-        dataset: config.cmnist.source.into(),
-        from: args.mnist_dir.clone(),
+        dataset: kind.into(),
         skip_checksum: args.skip_checksum,
         ..download::Args::default()
     };
     let source = move || -> Result<debiasdd_cmnist::GreySource, ReproduceError> {
-        download::run(source_args.clone(), root)
-            .map_err(|e| ReproduceError::SourceUnavailable(format!("{e:#}")))
+        match &local {
+            Some(dir) => {
+                let verification = if source_args.skip_checksum {
+                    debiasdd_cmnist::Verification::Skip
+                } else {
+                    debiasdd_cmnist::Verification::Checksums
+                };
+                let source = debiasdd_cmnist::GreySource::load(dir, kind, verification)?;
+                println!(
+                    "{kind}: {} train and {} test images read from {}",
+                    source.train_images.count,
+                    source.test_images.count,
+                    dir.display()
+                );
+                Ok(source)
+            }
+            None => download::run(source_args.clone(), root)
+                .map_err(|e| ReproduceError::SourceUnavailable(format!("{e:#}"))),
+        }
     };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -541,10 +615,27 @@ mod tests {
             std::path::Path::new("/repo/results/paper"),
             &command,
             210,
-            8,
+            Resources {
+                max_parallel: 8,
+                cpus_per_task: 4,
+                gpus_per_task: 1,
+            },
         );
         assert!(script.contains("#SBATCH --array=0-209%8"), "{script}");
-        assert!(script.contains("#SBATCH --gres=gpu:1"));
+        assert!(script.contains("#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=4\n"));
+        let cpu_only = sbatch_script(
+            std::path::Path::new("/repo"),
+            std::path::Path::new("/repo/results/paper"),
+            &command,
+            3,
+            Resources {
+                max_parallel: 2,
+                cpus_per_task: 1,
+                gpus_per_task: 0,
+            },
+        );
+        assert!(!cpu_only.contains("--gres"), "{cpu_only}");
+        assert!(cpu_only.contains("#SBATCH --array=0-2%2\n#SBATCH --cpus-per-task=1\n"));
         assert!(script.contains(
             "exec '/x/xtask' 'reproduce' '--preset' 'paper' '--out' 'my results' --cell\n"
         ));

@@ -211,6 +211,15 @@ mod tests {
         assert_eq!(paper.len(), 5 * 3 * 14);
         let demo = plan(&ReproduceConfig::preset(ReproducePreset::Demo));
         assert_eq!(demo.len(), 6, "floors and four distillations at one ratio");
+        let smoke = plan(&ReproduceConfig::preset(ReproducePreset::Smoke));
+        assert_eq!(
+            smoke.len(),
+            10,
+            "baselines, floors, DC and DM class/group, both over inferred groups"
+        );
+        ReproduceConfig::preset(ReproducePreset::Smoke)
+            .validate()
+            .unwrap();
         assert!(
             demo.iter()
                 .all(|c| !matches!(c.method, Method::Baseline(_)))

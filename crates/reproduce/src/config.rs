@@ -35,18 +35,26 @@ pub enum ReproducePreset {
     /// presets (width 128; DC 1000 iterations, DM 20,000), sets scored by 5 ConvNets with DC's
     /// evaluation (width 128, 1000 epochs with augmentation), baselines of 5 passes at width 128.
     Paper,
+    /// The plumbing in seconds, not a result: the quick grid's class- and group-wise cells
+    /// (annotated and inferred groups) at one ratio (0.2) on 400 training images, two
+    /// iterations at width 8, scored after 2 epochs. For checking an install, a cluster setup
+    /// (`cargo xtask slurm-check` runs it as a job array) or a code change end to end.
+    Smoke,
 }
 
 /// (DC, DM) iterations of the demo grid.
 pub const DEMO_ITERATIONS: (usize, usize) = (10, 100);
+/// Training images of the smoke grid's datasets.
+pub const SMOKE_TRAIN_IMAGES: usize = 400;
 /// DM iterations of the quick grid.
 pub const QUICK_DM_ITERATIONS: usize = 200;
 
 impl ReproducePreset {
-    pub const ALL: [ReproducePreset; 3] = [
+    pub const ALL: [ReproducePreset; 4] = [
         ReproducePreset::Demo,
         ReproducePreset::Quick,
         ReproducePreset::Paper,
+        ReproducePreset::Smoke,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +62,7 @@ impl ReproducePreset {
             ReproducePreset::Demo => "demo",
             ReproducePreset::Quick => "quick",
             ReproducePreset::Paper => "paper",
+            ReproducePreset::Smoke => "smoke",
         }
     }
 }
@@ -71,7 +80,7 @@ impl FromStr for ReproducePreset {
         Self::ALL
             .into_iter()
             .find(|p| p.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown preset `{s}`; expected demo, quick or paper"))
+            .ok_or_else(|| format!("unknown preset `{s}`; expected demo, quick, paper or smoke"))
     }
 }
 
@@ -326,6 +335,42 @@ impl ReproduceConfig {
                 checkpoint_every: 50,
                 infer: InferConfig::default(),
             },
+            ReproducePreset::Smoke => {
+                let tiny = || convnet(8);
+                let mut c = Self::preset(ReproducePreset::Quick);
+                c.preset = preset;
+                c.ratios = vec![0.2];
+                c.retain(None, Some(&class_group));
+                c.set_benchmark(debiasdd_cmnist::Preset::Seed);
+                c.distill = DistillSettings {
+                    iterations: Some(2),
+                    width: Some(8),
+                    outer_loop: Some(2),
+                    inner_loop: Some(1),
+                    batch_real: Some(8),
+                    ..DistillSettings::of(Preset::Quick)
+                };
+                for eval in [&mut c.eval, &mut c.baseline] {
+                    eval.model = tiny();
+                    eval.n_models = 1;
+                }
+                c.eval.train.epochs = 2;
+                c.baseline.train.epochs = 0;
+                c.checkpoint_every = 1;
+                c.infer.epochs = 1;
+                c.infer.model = tiny();
+                c
+            }
+        }
+    }
+
+    /// Runs the grid on the Colored MNIST benchmark `benchmark` (a `debiasdd generate`
+    /// preset); the smoke grid keeps its 400 training images.
+    pub fn set_benchmark(&mut self, benchmark: debiasdd_cmnist::Preset) {
+        self.cmnist = ColoredMnistConfig::new(benchmark, 0.0, 0);
+        if self.preset == ReproducePreset::Smoke {
+            self.cmnist.train_size = SMOKE_TRAIN_IMAGES;
+            self.cmnist.valid_size = 0;
         }
     }
 
@@ -456,7 +501,7 @@ mod tests {
         for preset in ReproducePreset::ALL {
             let config = ReproduceConfig::preset(preset);
             config.validate().unwrap();
-            if preset != ReproducePreset::Demo {
+            if matches!(preset, ReproducePreset::Quick | ReproducePreset::Paper) {
                 assert_eq!(config.ratios, PROTOCOL_RATIOS);
             }
             assert_eq!(preset.name().parse::<ReproducePreset>(), Ok(preset));
