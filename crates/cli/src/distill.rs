@@ -105,6 +105,11 @@ pub struct DistillArgs {
     /// cpu, cuda[:N] or metal (the latter two need a build with --features cuda / metal).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Split every step's matching terms over this many ranks (threads of this process), their
+    /// gradients summed: with --device cuda[:K] one GPU each (K, K + 1, ...); on the CPU they
+    /// share the cores (same images within rounding, for checking; not faster).
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -147,11 +152,18 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
     if args.grid_every == 0 || args.checkpoint_every == 0 {
         anyhow::bail!("--grid-every and --checkpoint-every must be at least 1");
     }
-    let device = debiasdd_model::device::parse_device(&args.device)?;
+    let devices = debiasdd_model::device::parse_rank_devices(&args.device, args.ranks)?;
     let data = debiasdd_data::file::load(&args.data)?;
-    let mut distiller = Distiller::new(config.clone(), &data.train, &device, DType::F32)?;
+    // Every rank's distiller, built alike (and resumed alike).
+    let build = |rank: usize| -> Result<Distiller, debiasdd_distill::DistillError> {
+        let mut d = Distiller::new(config.clone(), &data.train, &devices[rank], DType::F32)?;
+        if let Some(resume) = &args.resume {
+            d.load_checkpoint(resume)?;
+        }
+        Ok(d)
+    };
+    let mut distiller = build(0)?;
     if let Some(resume) = &args.resume {
-        distiller.load_checkpoint(resume)?;
         println!(
             "resumed {} at iteration {}/{}",
             resume.display(),
@@ -192,6 +204,18 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
             None => "no DSA".to_owned(),
         },
     );
+    if args.ranks > 1 {
+        println!(
+            "ranks: {} (threads of this process on {}); terms per rank (share of the estimated cost): {}",
+            args.ranks,
+            args.device,
+            debiasdd_distill::ranks::shard::describe(distiller.plan(), s.batch_real, args.ranks)
+                .iter()
+                .map(|(terms, share)| format!("{terms} ({:.0} %)", 100.0 * share))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if s.mode != MatchMode::Class && !distiller.empty_groups().is_empty() {
         println!(
             "{} groups have no real training images and are skipped (their synthetic images stay as initialised): {:?}",
@@ -216,7 +240,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
         checkpoint_every: args.checkpoint_every,
         history: args.history.as_deref(),
     };
-    let outcome = drive(&mut distiller, files, &stop, &mut |distiller, stats| {
+    let mut on_iteration = |distiller: &Distiller, stats: &debiasdd_distill::IterationStats| {
         bar.set_position(stats.iteration as u64);
         bar.set_message(format!(
             "loss {:.4}  {:.1} s/it  {:.0} real img/s",
@@ -239,7 +263,14 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
             }
         }
         Ok(())
-    })?;
+    };
+    let (outcome, distiller) = if args.ranks == 1 {
+        let outcome = drive(&mut distiller, files, &stop, &mut on_iteration)?;
+        (outcome, distiller)
+    } else {
+        drop(distiller);
+        debiasdd_distill::drive_ranks(args.ranks, build, files, &stop, &mut on_iteration)?
+    };
     if outcome == RunOutcome::Interrupted {
         bar.abandon();
         println!(

@@ -390,3 +390,65 @@ fn dm_distils_with_dsa_over_every_strata_and_refuses_dc_options() -> anyhow::Res
     );
     Ok(())
 }
+
+#[test]
+fn ranks_split_the_terms_and_give_the_same_set() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = tiny_dataset(dir.path());
+    // `name`'s set, with the history file of `log`.
+    let run =
+        |name: &str, log: &str, iterations: &str, extra: &[&str]| -> anyhow::Result<SyntheticSet> {
+            let out = dir.path().join(format!("{name}.safetensors"));
+            let history = dir.path().join(format!("{log}.jsonl"));
+            let mut more = vec!["--history", s(&history)];
+            more.extend(extra);
+            let args = distill_args(&data, "group", iterations, &out, &more);
+            let run = debiasdd(&args);
+            assert!(run.status.success(), "{name}: {}", text(&run.stderr));
+            let lines = std::fs::read_to_string(&history)?.lines().count();
+            assert_eq!(
+                lines.to_string(),
+                iterations,
+                "{name}: one history line per iteration"
+            );
+            Ok(SyntheticSet::load(&out)?)
+        };
+    let one = run("one", "one", "2", &[])?;
+    let two = run("two", "two", "2", &["--ranks", "2"])?;
+    let scale = one.set.images.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = one
+        .set
+        .images
+        .iter()
+        .zip(&two.set.images)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-6 * scale,
+        "2 ranks differ by {diff} (scale {scale})"
+    );
+    // A sharded run's checkpoint resumes with any rank count, its history continued; the
+    // result is the straight run's within rounding.
+    let ckpt = dir.path().join("two.ckpt.safetensors");
+    let resumed = run(
+        "resumed",
+        "two",
+        "3",
+        &["--ranks", "3", "--resume", s(&ckpt)],
+    )?;
+    let straight = run("straight", "straight", "3", &[])?;
+    let diff = straight
+        .set
+        .images
+        .iter()
+        .zip(&resumed.set.images)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-6 * scale,
+        "resumed over 3 ranks differs by {diff}"
+    );
+
+    let out = dir.path().join("bad.safetensors");
+    let bad = debiasdd(&distill_args(&data, "group", "1", &out, &["--ranks", "0"]));
+    assert_clean_failure(&bad, "at least 1 rank");
+    Ok(())
+}

@@ -9,7 +9,7 @@
 
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use crate::engine::{Distiller, IterationStats};
 use crate::error::DistillError;
@@ -40,7 +40,8 @@ pub type OnIteration<'a, M> =
     dyn FnMut(&Distiller<M>, &IterationStats) -> Result<(), DistillError> + 'a;
 
 /// Runs `distiller` until it is done or `stop` is set (checked before every iteration, so the
-/// iteration in progress always finishes). After every iteration: its history line, then
+/// iteration in progress always finishes; with several ranks, any rank's flag stops all of
+/// them at the same iteration). After every iteration: its history line, then
 /// `on_iteration` (progress bars, grids), then the checkpoint when one is due.
 pub fn drive<M: Matcher>(
     distiller: &mut Distiller<M>,
@@ -59,7 +60,7 @@ pub fn drive<M: Matcher>(
         None => None,
     };
     while !distiller.is_done() {
-        if stop.load(Ordering::SeqCst) {
+        if distiller.should_stop(stop)? {
             save(distiller, files)?;
             return Ok(RunOutcome::Interrupted);
         }

@@ -26,6 +26,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{DistillConfig, Init, Settings};
 use crate::error::DistillError;
 use crate::matcher::{Matcher, Problem};
+use crate::ranks::Collective;
+use crate::ranks::shard::Shard;
 use crate::strata::{MatchingPlan, RealBatch};
 
 /// First stream of the Siamese augmentation draws (iteration `i` uses `DSA_STREAM + i + 1`).
@@ -102,6 +104,8 @@ pub struct Distiller<M: Matcher = Box<dyn Matcher>> {
     pub(crate) device: Device,
     pub(crate) dtype: DType,
     route: Route,
+    /// This rank's share of the terms, in a run over several ranks ([`crate::ranks`]).
+    shard: Option<Shard>,
 }
 
 impl Distiller {
@@ -234,7 +238,60 @@ impl<M: Matcher> Distiller<M> {
             iteration: 0,
             device: device.clone(),
             dtype,
+            shard: None,
         })
+    }
+
+    /// Makes this distiller one rank of a run over `collective.size()` ranks
+    /// ([`crate::ranks`]): it computes only its share of every step's terms and sums the
+    /// gradient with the other ranks'. Every rank must be built alike (settings, data, seed,
+    /// checkpoint). One rank changes nothing.
+    pub fn with_collective(
+        mut self,
+        collective: std::sync::Arc<dyn Collective>,
+    ) -> Result<Self, DistillError> {
+        if collective.rank() >= collective.size() {
+            return Err(DistillError::InvalidConfig {
+                field: "ranks",
+                problem: format!(
+                    "rank {} of a group of {}: ranks are 0 to size - 1",
+                    collective.rank(),
+                    collective.size()
+                ),
+            });
+        }
+        self.shard = if collective.size() == 1 {
+            None
+        } else {
+            Some(Shard::new(
+                collective,
+                &self.plan,
+                self.settings.batch_real,
+                &self.device,
+            )?)
+        };
+        Ok(self)
+    }
+
+    /// Whether the run should stop before the next iteration: `stop`, agreed by every rank
+    /// when there are several (any rank's flag stops them all, at the same iteration).
+    pub fn should_stop(&self, stop: &std::sync::atomic::AtomicBool) -> Result<bool, DistillError> {
+        let mine = stop.load(std::sync::atomic::Ordering::SeqCst);
+        match &self.shard {
+            None => Ok(mine),
+            Some(shard) => {
+                let flag = Tensor::new(&[f64::from(u8::from(mine))], &Device::Cpu)?;
+                let any = shard.collective.all_reduce_sum(&flag)?.to_vec1::<f64>()?[0];
+                Ok(any > 0.0)
+            }
+        }
+    }
+
+    /// This rank's index and the rank count: (0, 1) unless part of a run over several ranks.
+    pub fn rank(&self) -> (usize, usize) {
+        self.shard
+            .as_ref()
+            .map_or((0, 1), |s| (s.collective.rank(), s.collective.size()))
     }
 
     /// Forces a route, e.g. `Route::candle_ops(ConvPath::Candle)`: candle's `conv2d` instead of
@@ -369,49 +426,106 @@ impl<M: Matcher> Distiller<M> {
         let mut watch = Stopwatch::start(&self.device);
         let (mut real_seconds, mut synthetic_seconds, mut inner_seconds) = (0.0, 0.0, 0.0);
         let mut dsa_rng = rng_for(self.settings.seed, DSA_STREAM + self.iteration as u64 + 1);
+        // With several ranks, this rank's terms: its part of the plan, the rows of the
+        // synthetic set they hold, and the strata they draw.
+        let part = self.shard.as_ref().and_then(|s| s.part.as_ref());
+        let mine = Problem {
+            plan: part.map_or(&self.plan, |p| &p.plan),
+            ..problem
+        };
         for step in 0..steps {
-            let mut real =
-                self.plan
-                    .draw_real(&self.real_images, self.settings.batch_real, &mut rng)?;
-            // Siamese augmentation: one transform per synthetic segment, for its synthetic
-            // images and the real images of its strata.
+            let keep = match (&self.shard, part) {
+                (None, _) => None,
+                (Some(_), Some(part)) => Some(part.strata.as_slice()),
+                (Some(_), None) => Some(&[][..]),
+            };
+            let mut real = self.plan.draw_real_of(
+                &self.real_images,
+                self.settings.batch_real,
+                &mut rng,
+                keep,
+            )?;
+            // Siamese augmentation: one transform per synthetic segment (all drawn, on every
+            // rank), for its synthetic images and the real images of its strata.
             let syn_transforms = match &self.settings.dsa {
                 Some(dsa) => {
                     let per_segment: Vec<Transform> = (0..self.plan.syn_segments().count())
                         .map(|_| dsa.draw_siamese(&mut dsa_rng))
                         .collect();
-                    let per_real: Vec<Transform> = real
-                        .segments
-                        .lens()
+                    // The (whole-plan) segment of every stratum in the batch, and the
+                    // segments whose synthetic images this rank differentiates.
+                    let (strata_segments, segments): (Vec<usize>, Vec<usize>) = match part {
+                        Some(p) => (
+                            p.strata
+                                .iter()
+                                .map(|&s| self.plan.stratum_segments()[s])
+                                .collect(),
+                            p.segments.clone(),
+                        ),
+                        None => (
+                            self.plan.stratum_segments().to_vec(),
+                            (0..self.plan.syn_segments().count()).collect(),
+                        ),
+                    };
+                    if real.segments.total() > 0 {
+                        let per_real: Vec<Transform> = real
+                            .segments
+                            .lens()
+                            .iter()
+                            .zip(&strata_segments)
+                            .flat_map(|(&len, &s)| std::iter::repeat_n(&per_segment[s], len))
+                            .cloned()
+                            .collect();
+                        real.images = augment(&real.images, &per_real)?;
+                    }
+                    let lens = self.plan.syn_segments().lens();
+                    let per_syn: Vec<Transform> = segments
                         .iter()
-                        .zip(self.plan.stratum_segments())
-                        .flat_map(|(&len, &s)| std::iter::repeat_n(&per_segment[s], len))
-                        .cloned()
-                        .collect();
-                    real.images = augment(&real.images, &per_real)?;
-                    let per_syn: Vec<Transform> = self
-                        .plan
-                        .syn_segments()
-                        .lens()
-                        .iter()
-                        .zip(&per_segment)
-                        .flat_map(|(&len, t)| std::iter::repeat_n(t, len))
+                        .flat_map(|&s| std::iter::repeat_n(&per_segment[s], lens[s]))
                         .cloned()
                         .collect();
                     Some(per_syn)
                 }
                 None => None,
             };
-            let target = self.matcher.target(&problem, &real)?;
-            real_images += real.segments.total();
-            real_seconds += watch.split()?;
-            let loss = match &syn_transforms {
-                Some(transforms) => {
-                    target.loss(&augment(self.synthetic.as_tensor(), transforms)?)?
-                }
-                None => target.loss(self.synthetic.as_tensor())?,
+            // This rank's loss and its gradient with respect to the whole synthetic set (a
+            // rank without terms adds zeros).
+            let (value, grad, real_count) = if self.shard.is_some() && part.is_none() {
+                (0.0, self.synthetic.as_tensor().zeros_like()?, 0)
+            } else {
+                let target = self.matcher.target(&mine, &real)?;
+                let real_count = real.segments.total();
+                real_seconds += watch.split()?;
+                let syn = match part {
+                    Some(p) => self.synthetic.as_tensor().index_select(&p.syn_rows, 0)?,
+                    None => self.synthetic.as_tensor().clone(),
+                };
+                let loss = match &syn_transforms {
+                    Some(transforms) => target.loss(&augment(&syn, transforms)?)?,
+                    None => target.loss(&syn)?,
+                };
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let grad = if value.is_finite() {
+                    loss.backward()?
+                        .remove(self.synthetic.as_tensor())
+                        .ok_or_else(|| {
+                            candle_core::Error::Msg("no gradient for the synthetic images".into())
+                        })?
+                } else {
+                    self.synthetic.as_tensor().zeros_like()?
+                };
+                (value, grad, real_count)
             };
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let (value, grad, real_count) = match &self.shard {
+                None => (value, grad, real_count),
+                Some(shard) => {
+                    let c = &shard.collective;
+                    let totals = Tensor::new(&[value, real_count as f64], &Device::Cpu)?;
+                    let totals = c.all_reduce_sum(&totals)?.to_vec1::<f64>()?;
+                    (totals[0], c.all_reduce_sum(&grad)?, totals[1] as usize)
+                }
+            };
+            real_images += real_count;
             if !value.is_finite() {
                 let advice = self.matcher.non_finite_hints();
                 let mut lower = vec![format!("--lr-img (now {lr})")];
@@ -428,12 +542,6 @@ impl<M: Matcher> Distiller<M> {
                 });
             }
             loss_sum += value;
-            let grad = loss
-                .backward()?
-                .remove(self.synthetic.as_tensor())
-                .ok_or_else(|| {
-                    candle_core::Error::Msg("no gradient for the synthetic images".into())
-                })?;
             // SGD with momentum, PyTorch's form: buf = m * buf + g; x -= lr * buf.
             self.momentum = ((&self.momentum * momentum)? + grad)?;
             let updated = (self.synthetic.as_tensor() - (&self.momentum * lr)?)?;

@@ -37,6 +37,10 @@ pub enum DistillError {
     BadCheckpoint { path: PathBuf, problem: String },
     #[error("cannot write {path}: {problem}")]
     Write { path: PathBuf, problem: String },
+    #[error("rank {rank} of the distillation failed ({problem}); every rank stopped with it")]
+    RankFailed { rank: usize, problem: String },
+    #[error("rank {rank} of the distillation panicked: {message}; this is a bug, please report it")]
+    RankPanicked { rank: usize, message: String },
     #[error(transparent)]
     Data(#[from] debiasdd_data::DataError),
     #[error(transparent)]

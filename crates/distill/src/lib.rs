@@ -49,6 +49,7 @@ pub mod error;
 pub mod grid;
 pub mod matcher;
 pub mod method;
+pub mod ranks;
 pub mod strata;
 
 pub use config::{DistillConfig, Init, Overrides, Preset, Settings};
@@ -59,4 +60,5 @@ pub use engine::{Distiller, IterationStats};
 pub use error::DistillError;
 pub use matcher::{Matcher, NonFiniteHints, Problem, Target};
 pub use method::{MethodConfig, MethodKind};
+pub use ranks::{Collective, ThreadGroup, drive_ranks};
 pub use strata::{MatchMode, MatchingPlan, RealBatch, Term};

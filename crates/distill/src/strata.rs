@@ -132,6 +132,31 @@ enum RealMix {
     Mean(Tensor),
 }
 
+/// What a [`MatchingPlan`] is built from.
+struct Parts {
+    mode: MatchMode,
+    syn_segments: Segments,
+    syn_labels: Vec<u8>,
+    syn_groups: Vec<Option<u16>>,
+    strata: Vec<Stratum>,
+    terms: Vec<Term>,
+    empty_groups: Vec<u16>,
+    group_members: Vec<Vec<usize>>,
+    class_members: Vec<Vec<usize>>,
+}
+
+/// Some synthetic segments of a plan with their terms and strata ([`MatchingPlan::part`]).
+#[derive(Debug, Clone)]
+pub struct PlanPart {
+    /// A plan of its own over those segments, terms and strata, renumbered.
+    pub plan: MatchingPlan,
+    /// The rows of the whole synthetic set its segments hold, U32, in order.
+    pub syn_rows: Tensor,
+    /// Its synthetic segments and strata as indices into the whole plan's, ascending.
+    pub segments: Vec<usize>,
+    pub strata: Vec<usize>,
+}
+
 /// The terms of every step of a run, fixed by the strata and the train split's groups.
 #[derive(Debug, Clone)]
 pub struct MatchingPlan {
@@ -255,6 +280,35 @@ impl MatchingPlan {
                 (per_class()?, vec![None; n_classes * ipc], strata, terms)
             }
         };
+        Self::assemble(
+            Parts {
+                mode,
+                syn_segments,
+                syn_labels,
+                syn_groups,
+                strata,
+                terms,
+                empty_groups,
+                group_members,
+                class_members,
+            },
+            device,
+        )
+    }
+
+    /// The plan of `parts`, with its index tensors on `device`.
+    fn assemble(parts: Parts, device: &Device) -> Result<Self, DistillError> {
+        let Parts {
+            mode,
+            syn_segments,
+            syn_labels,
+            syn_groups,
+            strata,
+            terms,
+            empty_groups,
+            group_members,
+            class_members,
+        } = parts;
         let syn_index = expand_index(
             terms.iter().map(|t| t.syn_segment as u32).collect(),
             syn_segments.count(),
@@ -282,6 +336,67 @@ impl MatchingPlan {
             syn_index,
             real_mix,
         })
+    }
+
+    /// The part of this plan that holds the synthetic segments `segments` (ascending indices
+    /// into [`Self::syn_segments`]), every term of theirs and every stratum of those terms,
+    /// renumbered in the same order: what one rank of a sharded run computes
+    /// ([`crate::ranks`]). `None` when `segments` is empty.
+    pub fn part(
+        &self,
+        segments: &[usize],
+        device: &Device,
+    ) -> Result<Option<PlanPart>, DistillError> {
+        if segments.is_empty() {
+            return Ok(None);
+        }
+        let ranges: Vec<(usize, usize)> = self.syn_segments.ranges().collect();
+        let lens = self.syn_segments.lens();
+        let mut rows: Vec<u32> = Vec::new();
+        for &s in segments {
+            let (start, len) = ranges[s];
+            rows.extend((start..start + len).map(|r| r as u32));
+        }
+        let new_segment = |s: usize| segments.iter().position(|&k| k == s);
+        let kept_terms: Vec<&Term> = self
+            .terms
+            .iter()
+            .filter(|t| new_segment(t.syn_segment).is_some())
+            .collect();
+        let mut strata: Vec<usize> = kept_terms
+            .iter()
+            .flat_map(|t| t.strata.iter().copied())
+            .collect();
+        strata.sort_unstable();
+        strata.dedup();
+        let new_stratum = |s: usize| strata.binary_search(&s).expect("a kept stratum");
+        let terms = kept_terms
+            .iter()
+            .map(|t| Term {
+                syn_segment: new_segment(t.syn_segment).expect("a kept segment"),
+                strata: t.strata.iter().map(|&s| new_stratum(s)).collect(),
+            })
+            .collect();
+        let plan = Self::assemble(
+            Parts {
+                mode: self.mode,
+                syn_segments: Segments::new(segments.iter().map(|&s| lens[s]).collect())?,
+                syn_labels: rows.iter().map(|&r| self.syn_labels[r as usize]).collect(),
+                syn_groups: rows.iter().map(|&r| self.syn_groups[r as usize]).collect(),
+                strata: strata.iter().map(|&s| self.strata[s].clone()).collect(),
+                terms,
+                empty_groups: self.empty_groups.clone(),
+                group_members: self.group_members.clone(),
+                class_members: self.class_members.clone(),
+            },
+            device,
+        )?;
+        Ok(Some(PlanPart {
+            plan,
+            syn_rows: Tensor::new(rows.as_slice(), device)?,
+            segments: segments.to_vec(),
+            strata,
+        }))
     }
 
     pub fn mode(&self) -> MatchMode {
@@ -373,13 +488,29 @@ impl MatchingPlan {
         batch: usize,
         rng: &mut ChaCha8Rng,
     ) -> Result<RealBatch, DistillError> {
+        self.draw_real_of(images, batch, rng, None)
+    }
+
+    /// [`Self::draw_real`], keeping only the strata `keep` (ascending indices into
+    /// [`Self::strata`]; `None`: all) in the batch. The generator advances as for the whole
+    /// batch, so every rank of a sharded run draws the same images as one rank would.
+    pub fn draw_real_of(
+        &self,
+        images: &Tensor,
+        batch: usize,
+        rng: &mut ChaCha8Rng,
+        keep: Option<&[usize]>,
+    ) -> Result<RealBatch, DistillError> {
         let device = images.device();
         let mut chosen: Vec<u32> = Vec::new();
         let mut labels = Vec::new();
         let mut lens = Vec::with_capacity(self.strata.len());
-        for stratum in &self.strata {
+        for (s, stratum) in self.strata.iter().enumerate() {
             let k = batch.min(stratum.members.len());
             let picks = rand::seq::index::sample(rng, stratum.members.len(), k);
+            if keep.is_some_and(|keep| keep.binary_search(&s).is_err()) {
+                continue;
+            }
             chosen.extend(picks.iter().map(|i| stratum.members[i] as u32));
             labels.extend(std::iter::repeat_n(stratum.class, k));
             lens.push(k);

@@ -74,7 +74,9 @@ impl ToPyErr for DistillError {
             DistillError::Write { .. } => os(self),
             DistillError::Data(e) => e.to_py(),
             DistillError::Model(e) => e.to_py(),
-            DistillError::Candle(_) => runtime(self),
+            DistillError::Candle(_)
+            | DistillError::RankFailed { .. }
+            | DistillError::RankPanicked { .. } => runtime(self),
         }
     }
 }
