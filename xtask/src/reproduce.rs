@@ -398,7 +398,7 @@ pub fn run(args: ReproduceArgs, root: &std::path::Path) -> Result<Outcome> {
         config
             .distillations
             .iter()
-            .map(|d| format!("{}-{}", d.method, d.mode))
+            .map(|d| format!("{}-{}{}", d.method, d.mode, d.groups.suffix("-inferred")))
             .collect::<Vec<_>>()
             .join(", "),
         config.seeds,

@@ -8,7 +8,8 @@
 //! synthetic-set file; `debiasdd-groups`) and the networks and their backends
 //! (`debiasdd-model`), beside the evaluator (neither imports the other); the binary and `xtask`
 //! drive it. The network's input and output sizes come from the train split. [`grid`] draws the
-//! synthetic set.
+//! synthetic set. [`ranks`] splits one distillation's terms over several ranks (GPUs, or
+//! threads), their gradients summed by a [`Collective`].
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -30,7 +30,9 @@ use crate::strata::{MatchingPlan, RealBatch};
 pub struct Problem<'a> {
     /// The settings every method shares (strata, sizes, network, seed).
     pub settings: &'a Settings,
-    /// The matching terms and the synthetic set's order.
+    /// The matching terms and the synthetic set's order. In [`Matcher::target`] of a run over
+    /// several ranks ([`crate::ranks`]): this rank's part of them ([`MatchingPlan::part`]), whose
+    /// synthetic images are the ones the target's loss receives.
     pub plan: &'a MatchingPlan,
     pub device: &'a Device,
     pub dtype: DType,
