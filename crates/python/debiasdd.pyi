@@ -183,6 +183,7 @@ def distill(
     dsa: Optional[bool] = None,
     seed: int = 0,
     device: str = "cpu",
+    ranks: int = 1,
     progress: _Progress = None,
     checkpoint: Optional[_Path] = None,
     checkpoint_every: int = 10,
@@ -198,7 +199,9 @@ def distill(
     (debiased: one term per group), "class-vs-groups" (FairDD), "class-vs-group-mean" (COBRA).
     ``preset`` sets everything not given (quick: minutes on a laptop CPU; paper: the method's
     protocol); the other keywords are the CLI's options of the same name. ``device``: "cpu",
-    "cuda[:N]" (a build with the cuda feature). Same seed and device, same result.
+    "cuda[:N]" (a build with the cuda feature). Same seed and device, same result. ``ranks``:
+    split every step's matching terms over that many ranks (threads; one GPU each from
+    ``cuda:N`` on, or sharing the CPU), the same set within rounding.
 
     ``progress(info)`` is called after every iteration with ``iteration``, ``iterations``,
     ``loss`` and ``seconds``; raising in it stops the run (the exception propagates).

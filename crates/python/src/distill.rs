@@ -44,7 +44,9 @@ enum Train {
 /// (debiased: one term per group), "class-vs-groups" (FairDD), "class-vs-group-mean" (COBRA).
 /// ``preset`` sets everything not given (quick: minutes on a laptop CPU; paper: the method's
 /// protocol); the other keywords are the CLI's options of the same name. ``device``: "cpu",
-/// "cuda[:N]" (a build with the cuda feature). Same seed and device, same result.
+/// "cuda[:N]" (a build with the cuda feature). Same seed and device, same result. ``ranks``:
+/// split every step's matching terms over that many ranks (threads; one GPU each from
+/// ``cuda:N`` on, or sharing the CPU), the same set within rounding.
 ///
 /// ``progress(info)`` is called after every iteration with ``iteration``, ``iterations``,
 /// ``loss`` and ``seconds``; raising in it stops the run (the exception propagates).
@@ -58,7 +60,7 @@ enum Train {
     method = "dc", mode = "group", ipc = 10, preset = "quick", iterations = None, init = None,
     width = None, depth = None, batch_real = None, outer_loop = None, inner_loop = None,
     lr_img = None, lr_net = None, distance = None, dsa = None, seed = 0, device = "cpu",
-    progress = None, checkpoint = None, checkpoint_every = 10, resume = false, history = None
+    ranks = 1, progress = None, checkpoint = None, checkpoint_every = 10, resume = false, history = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn distill(
@@ -85,6 +87,7 @@ pub fn distill(
     dsa: Option<bool>,
     seed: u64,
     device: &str,
+    ranks: usize,
     progress: Option<&Bound<'_, PyAny>>,
     checkpoint: Option<PathBuf>,
     checkpoint_every: usize,
@@ -140,24 +143,33 @@ pub fn distill(
             mode = mode.name()
         )));
     }
-    let device = debiasdd_model::device::parse_device(device).py()?;
+    let devices = debiasdd_model::device::parse_rank_devices(device, ranks).py()?;
     let mut reporter = Reporter::new(progress)?;
     let iterations = config.settings.iterations;
     let stop = AtomicBool::new(false);
     let outcome = py.detach(|| -> Result<Option<_>, DistillError> {
-        let mut distiller = match &train {
-            Train::Split(split) => Distiller::new(config, split.inner().1, &device, DType::F32)?,
-            Train::Images(set) => Distiller::on_images(config, set, &device, DType::F32)?,
+        // Every rank's distiller, built (and resumed) alike.
+        let build = |rank: usize| -> Result<Distiller, DistillError> {
+            let config = config.clone();
+            let mut distiller = match &train {
+                Train::Split(split) => {
+                    Distiller::new(config, split.inner().1, &devices[rank], DType::F32)?
+                }
+                Train::Images(set) => {
+                    Distiller::on_images(config, set, &devices[rank], DType::F32)?
+                }
+            };
+            if let Some(path) = &resume_from {
+                distiller.load_checkpoint(path)?;
+            }
+            Ok(distiller)
         };
-        if let Some(path) = &resume_from {
-            distiller.load_checkpoint(path)?;
-        }
         let files = RunFiles {
             checkpoint: checkpoint.as_deref(),
             checkpoint_every,
             history: history.as_deref(),
         };
-        let outcome = drive(&mut distiller, files, &stop, &mut |_, stats| {
+        let mut on_iteration = |_: &Distiller, stats: &debiasdd_distill::IterationStats| {
             let fields = [
                 ("iteration", Value::Count(stats.iteration)),
                 ("iterations", Value::Count(iterations)),
@@ -174,7 +186,16 @@ pub fn distill(
                 stop.store(true, Ordering::SeqCst);
             }
             Ok(())
-        })?;
+        };
+        let (outcome, distiller) = if ranks == 1 {
+            let mut distiller = build(0)?;
+            (
+                drive(&mut distiller, files, &stop, &mut on_iteration)?,
+                distiller,
+            )
+        } else {
+            debiasdd_distill::drive_ranks(ranks, build, files, &stop, &mut on_iteration)?
+        };
         match outcome {
             RunOutcome::Finished => distiller.synthetic_set().map(Some),
             RunOutcome::Interrupted => Ok(None),

@@ -49,6 +49,21 @@ def test_same_seed_same_bytes_other_seed_other_images(tiny):
     assert not np.array_equal(a.images, c.images)
 
 
+@pytest.mark.parametrize("method", ["dc", "dm"])
+def test_ranks_give_the_same_set(tiny, method):
+    images, labels, groups = tiny
+    # DC with short loops: in f32 its inner loop amplifies the rounding differences of split
+    # passes (ARCHITECTURE.md, "Several ranks").
+    fast = {**FAST, "outer_loop": 2, "inner_loop": 1, "iterations": 1} if method == "dc" else FAST
+    one = debiasdd.distill(images, labels, groups, method=method, **fast)
+    for ranks in (2, 3):
+        split = debiasdd.distill(images, labels, groups, method=method, ranks=ranks, **fast)
+        scale = np.abs(one.images).max()
+        assert np.abs(split.images - one.images).max() <= 1e-6 * scale, ranks
+    with pytest.raises(ValueError, match="at least 1 rank"):
+        debiasdd.distill(images, labels, groups, ranks=0, **FAST)
+
+
 def test_iterations_move_the_images(tiny):
     """The images after 5 iterations are not those after 1 (numerics: the CLI test below)."""
     images, labels, groups = tiny
