@@ -413,15 +413,17 @@ fn ranks_split_the_terms_and_give_the_same_set() -> anyhow::Result<()> {
             );
             Ok(SyntheticSet::load(&out)?)
         };
+    let max_diff = |a: &SyntheticSet, b: &SyntheticSet| {
+        a.set
+            .images
+            .iter()
+            .zip(&b.set.images)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    };
     let one = run("one", "one", "2", &[])?;
     let two = run("two", "two", "2", &["--ranks", "2"])?;
     let scale = one.set.images.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = one
-        .set
-        .images
-        .iter()
-        .zip(&two.set.images)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = max_diff(&one, &two);
     assert!(
         diff <= 1e-6 * scale,
         "2 ranks differ by {diff} (scale {scale})"
@@ -436,12 +438,7 @@ fn ranks_split_the_terms_and_give_the_same_set() -> anyhow::Result<()> {
         &["--ranks", "3", "--resume", s(&ckpt)],
     )?;
     let straight = run("straight", "straight", "3", &[])?;
-    let diff = straight
-        .set
-        .images
-        .iter()
-        .zip(&resumed.set.images)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = max_diff(&straight, &resumed);
     assert!(
         diff <= 1e-6 * scale,
         "resumed over 3 ranks differs by {diff}"

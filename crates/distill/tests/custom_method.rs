@@ -14,7 +14,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 mod common;
-use common::tiny_split;
+use common::{tiny_split, values};
 
 /// The method: its own setting, and a per-iteration random weight drawn from the loop's stream
 /// (to show that its draws are replayed on resume).
@@ -118,13 +118,6 @@ fn method() -> MeanMatch {
         steps: 2,
         weight: 0.0,
     }
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("values")
 }
 
 #[test]

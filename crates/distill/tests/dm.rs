@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod common;
-use common::tiny_split;
+use common::{tiny_split, values};
 
 fn tiny_config(mode: MatchMode) -> DistillConfig {
     let mut config = DistillConfig::preset(MethodKind::Dm, Preset::Quick, mode, 10);
@@ -26,15 +26,6 @@ fn distiller(mode: MatchMode, dtype: DType) -> Distiller<Dm> {
     let config = tiny_config(mode);
     let dm = Dm::new(config.method.dm().expect("a DM config").clone());
     Distiller::with_matcher(config.settings, dm, &tiny_split(None), &Device::Cpu, dtype).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 #[test]

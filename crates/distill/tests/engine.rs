@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod common;
-use common::{IMAGE, tiny_split};
+use common::{IMAGE, tiny_split, values};
 
 fn tiny_config(mode: MatchMode) -> DistillConfig {
     let mut config = DistillConfig::preset(MethodKind::Dc, Preset::Quick, mode, 10);
@@ -24,15 +24,6 @@ fn tiny_config(mode: MatchMode) -> DistillConfig {
     dc.outer_loop = 2;
     dc.inner_loop = 2;
     config
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// Largest elementwise difference of two tensors of the same shape.

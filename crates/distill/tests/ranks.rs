@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use debiasdd_distill::driver::RunFiles;
 use debiasdd_distill::{
     DistillConfig, DistillError, Distiller, MatchMode, MethodKind, Preset, RunOutcome, drive,
@@ -14,7 +14,7 @@ use debiasdd_distill::{
 };
 
 mod common;
-use common::tiny_split;
+use common::{tiny_split, values};
 
 fn config(method: MethodKind, mode: MatchMode, dsa: bool) -> DistillConfig {
     let mut config = DistillConfig::preset(method, Preset::Quick, mode, 10);
@@ -37,15 +37,6 @@ const NO_FILES: RunFiles<'static> = RunFiles {
     checkpoint_every: 1,
     history: None,
 };
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 /// The images and per-iteration losses of `config` over `ranks` ranks (`None`: the plain
 /// driver, no collective).

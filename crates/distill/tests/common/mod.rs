@@ -1,6 +1,7 @@
 //! The tiny hand-made split the engine's integration tests distil.
 #![allow(dead_code)]
 
+use candle_core::{DType, Tensor};
 use debiasdd_data::{ImageShape, Split};
 use debiasdd_groups::GroupSpec;
 use rand::{Rng, SeedableRng};
@@ -36,4 +37,12 @@ pub fn tiny_split(skip_class: Option<u8>) -> Split {
         }
     }
     split
+}
+
+/// A tensor's values as f64, in order.
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("values")
 }
