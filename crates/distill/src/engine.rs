@@ -439,6 +439,7 @@ impl<M: Matcher> Distiller<M> {
                 (Some(_), Some(part)) => Some(part.strata.as_slice()),
                 (Some(_), None) => Some(&[][..]),
             };
+            // `None` only for a rank without terms.
             let mut real = self.plan.draw_real_of(
                 &self.real_images,
                 self.settings.batch_real,
@@ -467,7 +468,7 @@ impl<M: Matcher> Distiller<M> {
                             (0..self.plan.syn_segments().count()).collect(),
                         ),
                     };
-                    if real.segments.total() > 0 {
+                    if let Some(real) = real.as_mut() {
                         let per_real: Vec<Transform> = real
                             .segments
                             .lens()
@@ -490,10 +491,8 @@ impl<M: Matcher> Distiller<M> {
             };
             // This rank's loss and its gradient with respect to the whole synthetic set (a
             // rank without terms adds zeros).
-            let (value, grad, real_count) = if self.shard.is_some() && part.is_none() {
-                (0.0, self.synthetic.as_tensor().zeros_like()?, 0)
-            } else {
-                let target = self.matcher.target(&mine, &real)?;
+            let (value, grad, real_count) = if let Some(real) = &real {
+                let target = self.matcher.target(&mine, real)?;
                 let real_count = real.segments.total();
                 real_seconds += watch.split()?;
                 let syn = match part {
@@ -515,6 +514,8 @@ impl<M: Matcher> Distiller<M> {
                     self.synthetic.as_tensor().zeros_like()?
                 };
                 (value, grad, real_count)
+            } else {
+                (0.0, self.synthetic.as_tensor().zeros_like()?, 0)
             };
             let (value, grad, real_count) = match &self.shard {
                 None => (value, grad, real_count),

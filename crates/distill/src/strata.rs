@@ -488,19 +488,21 @@ impl MatchingPlan {
         batch: usize,
         rng: &mut ChaCha8Rng,
     ) -> Result<RealBatch, DistillError> {
-        self.draw_real_of(images, batch, rng, None)
+        self.draw_real_of(images, batch, rng, None)?
+            .ok_or_else(|| candle_core::Error::Msg("a plan without strata".into()).into())
     }
 
     /// [`Self::draw_real`], keeping only the strata `keep` (ascending indices into
-    /// [`Self::strata`]; `None`: all) in the batch. The generator advances as for the whole
-    /// batch, so every rank of a sharded run draws the same images as one rank would.
+    /// [`Self::strata`]; `None`: all) in the batch; `None` when that keeps none. The generator
+    /// advances as for the whole batch, so every rank of a sharded run draws the same images
+    /// as one rank would.
     pub fn draw_real_of(
         &self,
         images: &Tensor,
         batch: usize,
         rng: &mut ChaCha8Rng,
         keep: Option<&[usize]>,
-    ) -> Result<RealBatch, DistillError> {
+    ) -> Result<Option<RealBatch>, DistillError> {
         let device = images.device();
         let mut chosen: Vec<u32> = Vec::new();
         let mut labels = Vec::new();
@@ -515,12 +517,15 @@ impl MatchingPlan {
             labels.extend(std::iter::repeat_n(stratum.class, k));
             lens.push(k);
         }
+        if lens.is_empty() {
+            return Ok(None);
+        }
         let idx = Tensor::new(chosen.as_slice(), device)?;
-        Ok(RealBatch {
+        Ok(Some(RealBatch {
             images: images.index_select(&idx, 0)?,
             labels: label_tensor(&labels, device)?,
             segments: Segments::new(lens)?,
-        })
+        }))
     }
 
     /// The real images a synthetic image is initialised from: its group's (group mode, when

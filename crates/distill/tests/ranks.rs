@@ -142,6 +142,18 @@ fn in_f64_the_rank_count_changes_nothing_but_rounding_at_dcs_own_loops() {
 }
 
 #[test]
+fn ranks_beyond_the_terms_idle_and_change_nothing() {
+    // 10 class terms over 12 ranks: two ranks compute nothing and add zeros.
+    for method in MethodKind::ALL {
+        let config = config(method, MatchMode::Class, method == MethodKind::Dm);
+        let (plain, _) = run(&config, None);
+        let (images, _) = run(&config, Some(12));
+        let d = relative_difference(&plain, &images);
+        assert!(d <= 1e-6, "{method}, 12 ranks: {d:e} relative");
+    }
+}
+
+#[test]
 fn a_stop_on_one_rank_stops_every_rank_at_the_same_iteration() {
     let config = {
         let mut c = config(MethodKind::Dm, MatchMode::Group, true);
