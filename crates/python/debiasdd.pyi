@@ -184,6 +184,7 @@ def distill(
     seed: int = 0,
     device: str = "cpu",
     ranks: int = 1,
+    collective: str = "auto",
     progress: _Progress = None,
     checkpoint: Optional[_Path] = None,
     checkpoint_every: int = 10,
@@ -201,7 +202,8 @@ def distill(
     protocol); the other keywords are the CLI's options of the same name. ``device``: "cpu",
     "cuda[:N]" (a build with the cuda feature). Same seed and device, same result. ``ranks``:
     split every step's matching terms over that many ranks (threads; one GPU each from
-    ``cuda:N`` on, or sharing the CPU), the same set within rounding.
+    ``cuda:N`` on, or sharing the CPU), the same set within rounding; ``collective``: how they
+    sum, "auto", "host" or "nccl" (a build with the nccl feature).
 
     ``progress(info)`` is called after every iteration with ``iteration``, ``iterations``,
     ``loss`` and ``seconds``; raising in it stops the run (the exception propagates).

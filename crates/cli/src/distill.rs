@@ -13,8 +13,8 @@ use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
 use debiasdd_distill::{
-    Distance, DistillConfig, Distiller, Init, MatchMode, MethodKind, Overrides, Preset, RunFiles,
-    RunOutcome, drive,
+    CollectiveKind, Distance, DistillConfig, Distiller, Init, MatchMode, MethodKind, Overrides,
+    Preset, RunFiles, RunOutcome, drive,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -110,6 +110,11 @@ pub struct DistillArgs {
     /// share the cores (same images within rounding, for checking; not faster).
     #[arg(long, default_value_t = 1)]
     ranks: usize,
+    /// How the ranks sum their gradients: auto (NCCL when every rank has its own GPU and the
+    /// build has --features nccl, otherwise host), host (through host memory, in f64, any
+    /// devices) or nccl (between the GPUs, one per rank).
+    #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(CollectiveKind::NAMES))]
+    collective: String,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -153,6 +158,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
         anyhow::bail!("--grid-every and --checkpoint-every must be at least 1");
     }
     let devices = debiasdd_model::device::parse_rank_devices(&args.device, args.ranks)?;
+    let collective = CollectiveKind::parse(&args.collective)?.resolve(&devices)?;
     let data = debiasdd_data::file::load(&args.data)?;
     // Every rank's distiller, built alike (and resumed alike).
     let build = |rank: usize| -> Result<Distiller, debiasdd_distill::DistillError> {
@@ -206,9 +212,13 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
     );
     if args.ranks > 1 {
         println!(
-            "ranks: {} (threads of this process on {}); terms per rank (share of the estimated cost): {}",
+            "ranks: {} (threads of this process on {}, summing {}); terms per rank (share of the estimated cost): {}",
             args.ranks,
             args.device,
+            match collective {
+                CollectiveKind::Nccl => "with NCCL",
+                _ => "through host memory",
+            },
             debiasdd_distill::ranks::shard::describe(distiller.plan(), s.batch_real, args.ranks)
                 .iter()
                 .map(|(terms, share)| format!("{terms} ({:.0} %)", 100.0 * share))
@@ -269,7 +279,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
         (outcome, distiller)
     } else {
         drop(distiller);
-        debiasdd_distill::drive_ranks(args.ranks, build, files, &stop, &mut on_iteration)?
+        debiasdd_distill::drive_ranks(&devices, collective, build, files, &stop, &mut on_iteration)?
     };
     if outcome == RunOutcome::Interrupted {
         bar.abandon();

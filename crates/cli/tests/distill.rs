@@ -447,5 +447,16 @@ fn ranks_split_the_terms_and_give_the_same_set() -> anyhow::Result<()> {
     let out = dir.path().join("bad.safetensors");
     let bad = debiasdd(&distill_args(&data, "group", "1", &out, &["--ranks", "0"]));
     assert_clean_failure(&bad, "at least 1 rank");
+    // NCCL sums between GPUs: asked for on CPU ranks (or in a build without it), the run is
+    // refused before it starts, saying why and what to pass instead.
+    let nccl = debiasdd(&distill_args(
+        &data,
+        "group",
+        "1",
+        &out,
+        &["--ranks", "2", "--collective", "nccl"],
+    ));
+    assert_clean_failure(&nccl, "--collective host");
+    assert!(!out.exists(), "a refused run writes nothing");
     Ok(())
 }

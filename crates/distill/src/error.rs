@@ -39,6 +39,10 @@ pub enum DistillError {
     Write { path: PathBuf, problem: String },
     #[error("rank {rank} of the distillation failed ({problem}); every rank stopped with it")]
     RankFailed { rank: usize, problem: String },
+    #[error(
+        "NCCL on rank {rank}: {problem}; check that every rank has its own GPU and that libnccl.so.2 is on LD_LIBRARY_PATH, or pass --collective host"
+    )]
+    Nccl { rank: usize, problem: String },
     #[error("rank {rank} of the distillation panicked: {message}; this is a bug, please report it")]
     RankPanicked { rank: usize, message: String },
     #[error(transparent)]

@@ -61,5 +61,5 @@ pub use engine::{Distiller, IterationStats};
 pub use error::DistillError;
 pub use matcher::{Matcher, NonFiniteHints, Problem, Target};
 pub use method::{MethodConfig, MethodKind};
-pub use ranks::{Collective, ThreadGroup, drive_ranks};
+pub use ranks::{Collective, CollectiveKind, ThreadGroup, drive_ranks};
 pub use strata::{MatchMode, MatchingPlan, RealBatch, Term};

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device};
 use debiasdd_distill::driver::RunFiles;
 use debiasdd_distill::{
-    DistillConfig, DistillError, Distiller, MatchMode, MethodKind, Preset, RunOutcome, drive,
-    drive_ranks,
+    CollectiveKind, DistillConfig, DistillError, Distiller, MatchMode, MethodKind, Preset,
+    RunOutcome, drive, drive_ranks,
 };
 
 mod common;
@@ -30,6 +30,11 @@ fn config(method: MethodKind, mode: MatchMode, dsa: bool) -> DistillConfig {
         dc.inner_loop = 1;
     }
     config
+}
+
+/// `n` CPU ranks (which `auto` sums through host memory).
+fn cpus(n: usize) -> Vec<Device> {
+    vec![Device::Cpu; n]
 }
 
 const NO_FILES: RunFiles<'static> = RunFiles {
@@ -63,7 +68,15 @@ fn run_in(config: &DistillConfig, ranks: Option<usize>, dtype: DType) -> (Vec<f6
             values(d.images())
         }
         Some(n) => {
-            let (outcome, d) = drive_ranks(n, build, NO_FILES, &stop, &mut record).unwrap();
+            let (outcome, d) = drive_ranks(
+                &cpus(n),
+                CollectiveKind::Auto,
+                build,
+                NO_FILES,
+                &stop,
+                &mut record,
+            )
+            .unwrap();
             assert_eq!(outcome, RunOutcome::Finished);
             assert_eq!(d.rank(), (0, n));
             values(d.images())
@@ -163,12 +176,19 @@ fn a_stop_on_one_rank_stops_every_rank_at_the_same_iteration() {
     let split = tiny_split(None);
     let stop = AtomicBool::new(false);
     let build = |_rank: usize| Distiller::new(config.clone(), &split, &Device::Cpu, DType::F32);
-    let (outcome, d) = drive_ranks(3, build, NO_FILES, &stop, &mut |d, _| {
-        if d.iteration() == 2 {
-            stop.store(true, Ordering::SeqCst);
-        }
-        Ok(())
-    })
+    let (outcome, d) = drive_ranks(
+        &cpus(3),
+        CollectiveKind::Auto,
+        build,
+        NO_FILES,
+        &stop,
+        &mut |d, _| {
+            if d.iteration() == 2 {
+                stop.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        },
+    )
     .unwrap();
     assert_eq!(outcome, RunOutcome::Interrupted);
     assert_eq!(d.iteration(), 2);
@@ -189,7 +209,15 @@ fn a_failing_rank_stops_the_others_with_its_own_error() {
         }
         Distiller::new(config.clone(), &split, &Device::Cpu, DType::F32)
     };
-    let err = drive_ranks(3, build, NO_FILES, &stop, &mut |_, _| Ok(())).unwrap_err();
+    let err = drive_ranks(
+        &cpus(3),
+        CollectiveKind::Auto,
+        build,
+        NO_FILES,
+        &stop,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("cuda:2 is not there"), "{err}");
     assert!(!matches!(err, DistillError::RankFailed { .. }), "{err}");
 
@@ -198,9 +226,25 @@ fn a_failing_rank_stops_the_others_with_its_own_error() {
     exploding.settings.lr_img = 1e30;
     exploding.settings.iterations = 4;
     let build = |_rank: usize| Distiller::new(exploding.clone(), &split, &Device::Cpu, DType::F32);
-    let err = drive_ranks(2, build, NO_FILES, &stop, &mut |_, _| Ok(())).unwrap_err();
+    let err = drive_ranks(
+        &cpus(2),
+        CollectiveKind::Auto,
+        build,
+        NO_FILES,
+        &stop,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap_err();
     assert!(matches!(err, DistillError::NonFiniteLoss { .. }), "{err}");
 
-    let err = drive_ranks(0, build, NO_FILES, &stop, &mut |_, _| Ok(())).unwrap_err();
+    let err = drive_ranks(
+        &cpus(0),
+        CollectiveKind::Auto,
+        build,
+        NO_FILES,
+        &stop,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("ranks"), "{err}");
 }

@@ -46,7 +46,8 @@ enum Train {
 /// protocol); the other keywords are the CLI's options of the same name. ``device``: "cpu",
 /// "cuda[:N]" (a build with the cuda feature). Same seed and device, same result. ``ranks``:
 /// split every step's matching terms over that many ranks (threads; one GPU each from
-/// ``cuda:N`` on, or sharing the CPU), the same set within rounding.
+/// ``cuda:N`` on, or sharing the CPU), the same set within rounding; ``collective``: how they
+/// sum, "auto", "host" or "nccl" (a build with the nccl feature).
 ///
 /// ``progress(info)`` is called after every iteration with ``iteration``, ``iterations``,
 /// ``loss`` and ``seconds``; raising in it stops the run (the exception propagates).
@@ -60,7 +61,7 @@ enum Train {
     method = "dc", mode = "group", ipc = 10, preset = "quick", iterations = None, init = None,
     width = None, depth = None, batch_real = None, outer_loop = None, inner_loop = None,
     lr_img = None, lr_net = None, distance = None, dsa = None, seed = 0, device = "cpu",
-    ranks = 1, progress = None, checkpoint = None, checkpoint_every = 10, resume = false, history = None
+    ranks = 1, collective = "auto", progress = None, checkpoint = None, checkpoint_every = 10, resume = false, history = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn distill(
@@ -88,6 +89,7 @@ pub fn distill(
     seed: u64,
     device: &str,
     ranks: usize,
+    collective: &str,
     progress: Option<&Bound<'_, PyAny>>,
     checkpoint: Option<PathBuf>,
     checkpoint_every: usize,
@@ -144,6 +146,9 @@ pub fn distill(
         )));
     }
     let devices = debiasdd_model::device::parse_rank_devices(device, ranks).py()?;
+    let collective = debiasdd_distill::CollectiveKind::parse(collective)
+        .and_then(|c| c.resolve(&devices))
+        .py()?;
     let mut reporter = Reporter::new(progress)?;
     let iterations = config.settings.iterations;
     let stop = AtomicBool::new(false);
@@ -194,7 +199,14 @@ pub fn distill(
                 distiller,
             )
         } else {
-            debiasdd_distill::drive_ranks(ranks, build, files, &stop, &mut on_iteration)?
+            debiasdd_distill::drive_ranks(
+                &devices,
+                collective,
+                build,
+                files,
+                &stop,
+                &mut on_iteration,
+            )?
         };
         match outcome {
             RunOutcome::Finished => distiller.synthetic_set().map(Some),

@@ -76,7 +76,8 @@ impl ToPyErr for DistillError {
             DistillError::Model(e) => e.to_py(),
             DistillError::Candle(_)
             | DistillError::RankFailed { .. }
-            | DistillError::RankPanicked { .. } => runtime(self),
+            | DistillError::RankPanicked { .. }
+            | DistillError::Nccl { .. } => runtime(self),
         }
     }
 }

@@ -62,6 +62,13 @@ def test_ranks_give_the_same_set(tiny, method):
         assert np.abs(split.images - one.images).max() <= 1e-6 * scale, ranks
     with pytest.raises(ValueError, match="at least 1 rank"):
         debiasdd.distill(images, labels, groups, ranks=0, **FAST)
+    # Host sums are what CPU ranks take under "auto"; NCCL needs one GPU per rank.
+    host = debiasdd.distill(images, labels, groups, method=method, ranks=2, collective="host", **fast)
+    assert np.array_equal(host.images, debiasdd.distill(images, labels, groups, method=method, ranks=2, **fast).images)
+    with pytest.raises(ValueError, match="collective host"):
+        debiasdd.distill(images, labels, groups, ranks=2, collective="nccl", **FAST)
+    with pytest.raises(ValueError, match="auto, host, nccl"):
+        debiasdd.distill(images, labels, groups, ranks=2, collective="mpi", **FAST)
 
 
 def test_iterations_move_the_images(tiny):

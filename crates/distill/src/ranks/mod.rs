@@ -25,14 +25,20 @@
 //! [`drive_ranks`] runs a distillation that way: rank 0 on the calling thread with the run's
 //! files and callback, the others on scoped threads. A rank that fails aborts the group, so
 //! the others return instead of waiting for it.
+//!
+//! [`CollectiveKind`] picks how the ranks sum, in this one place: through host memory (any
+//! devices), or with NCCL between GPUs (`nccl` feature, `nccl.rs`), which `auto` takes when
+//! every rank has its own GPU and the build has NCCL.
 
+#[cfg(feature = "nccl")]
+mod nccl;
 pub mod shard;
 mod threads;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use candle_core::Tensor;
+use candle_core::{Device, DeviceLocation, Tensor};
 
 use crate::driver::{OnIteration, RunFiles, RunOutcome, drive};
 use crate::engine::Distiller;
@@ -59,14 +65,127 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn abort(&self, why: &str);
 }
 
-/// Runs a distillation over `ranks` in-process ranks ([`ThreadGroup`]) until done or stopped:
-/// `build(rank)` makes each rank's distiller (on its own device, already resumed where the run
-/// resumes; every rank must be built alike), rank 0 runs on this thread with `files` and
-/// `on_iteration`, the others on scoped threads without files. Returns rank 0's outcome and
-/// distiller (whose synthetic set every rank holds). The first error of any rank is returned;
-/// the ranks it stopped do not hide it.
+/// How the ranks of one process sum their gradients (`--collective`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CollectiveKind {
+    /// NCCL when every rank has its own GPU and this build has the `nccl` feature, otherwise
+    /// through host memory.
+    #[default]
+    Auto,
+    /// Through host memory, in f64 and rank order ([`ThreadGroup`]): any devices, the same
+    /// bytes whatever the device.
+    Host,
+    /// NCCL between the GPUs (the `nccl` feature): one CUDA device per rank; the sum stays on
+    /// the GPUs, in the tensors' dtype.
+    Nccl,
+}
+
+impl CollectiveKind {
+    /// The names `--collective` takes.
+    pub const NAMES: [&'static str; 3] = ["auto", "host", "nccl"];
+
+    /// Whether this build can sum with NCCL.
+    pub const NCCL_BUILT: bool = cfg!(feature = "nccl");
+
+    pub fn parse(name: &str) -> Result<Self, DistillError> {
+        match name {
+            "auto" => Ok(Self::Auto),
+            "host" => Ok(Self::Host),
+            "nccl" => Ok(Self::Nccl),
+            other => Err(DistillError::InvalidConfig {
+                field: "collective",
+                problem: format!("`{other}` is none of auto, host, nccl"),
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The collective that ranks on `devices` (one per rank) use: `Host` or `Nccl`, never
+    /// `Auto`. Fails when `Nccl` is asked for and cannot be had, saying why.
+    pub fn resolve(self, devices: &[Device]) -> Result<Self, DistillError> {
+        let gpus: Vec<Option<usize>> = devices
+            .iter()
+            .map(|d| match d.location() {
+                DeviceLocation::Cuda { gpu_id } => Some(gpu_id),
+                _ => None,
+            })
+            .collect();
+        let problem = if !Self::NCCL_BUILT {
+            Some(
+                "this build has no NCCL: rebuild with `--features nccl` (README, \"Several GPUs\")"
+                    .to_owned(),
+            )
+        } else if devices.len() < 2 {
+            Some("one rank has nobody to sum with (--ranks 2 or more)".to_owned())
+        } else if let Some(r) = gpus.iter().position(Option::is_none) {
+            Some(format!(
+                "NCCL sums between GPUs, but rank {r} is on {:?}; give --device cuda",
+                devices[r].location()
+            ))
+        } else {
+            (1..gpus.len()).find_map(|j| {
+                (0..j).find(|&i| gpus[i] == gpus[j]).map(|i| {
+                    format!(
+                        "NCCL needs one GPU per rank, but ranks {i} and {j} are both on cuda:{}",
+                        gpus[j].unwrap_or_default()
+                    )
+                })
+            })
+        };
+        match (self, problem) {
+            (Self::Host, _) => Ok(Self::Host),
+            (Self::Auto, None) | (Self::Nccl, None) => Ok(Self::Nccl),
+            (Self::Auto, Some(_)) => Ok(Self::Host),
+            (Self::Nccl, Some(problem)) => Err(DistillError::InvalidConfig {
+                field: "collective",
+                problem: format!("nccl: {problem}; or pass --collective host"),
+            }),
+        }
+    }
+}
+
+/// What a rank joins after its distiller is built.
+enum Connector {
+    Host,
+    #[cfg(feature = "nccl")]
+    Nccl(nccl::Bootstrap),
+}
+
+impl Connector {
+    fn new(kind: CollectiveKind) -> Result<Self, DistillError> {
+        match kind {
+            #[cfg(feature = "nccl")]
+            CollectiveKind::Nccl => Ok(Self::Nccl(nccl::Bootstrap::new()?)),
+            _ => Ok(Self::Host),
+        }
+    }
+
+    #[cfg_attr(not(feature = "nccl"), allow(unused_variables))]
+    fn connect(
+        &self,
+        host: &Arc<ThreadRank>,
+        device: &Device,
+    ) -> Result<Arc<dyn Collective>, DistillError> {
+        match self {
+            Self::Host => Ok(Arc::clone(host) as Arc<dyn Collective>),
+            #[cfg(feature = "nccl")]
+            Self::Nccl(bootstrap) => Ok(Arc::new(bootstrap.join(Arc::clone(host), device)?)),
+        }
+    }
+}
+
+/// Runs a distillation over one in-process rank per device of `devices` until done or stopped,
+/// summing with `collective` ([`CollectiveKind::resolve`]): `build(rank)` makes each rank's
+/// distiller (on `devices[rank]`, already resumed where the run resumes; every rank must be built
+/// alike), rank 0 runs on this thread with `files` and `on_iteration`, the others on scoped
+/// threads without files. Returns rank 0's outcome and distiller (whose synthetic set every rank
+/// holds). The first error of any rank is returned; the ranks it stopped do not hide it.
 pub fn drive_ranks<M, F>(
-    ranks: usize,
+    devices: &[Device],
+    collective: CollectiveKind,
     build: F,
     files: RunFiles<'_>,
     stop: &AtomicBool,
@@ -76,24 +195,26 @@ where
     M: Matcher,
     F: Fn(usize) -> Result<Distiller<M>, DistillError> + Sync,
 {
-    if ranks == 0 {
+    if devices.is_empty() {
         return Err(DistillError::InvalidConfig {
             field: "ranks",
             problem: "must be at least 1".into(),
         });
     }
-    let mut group = ThreadGroup::new(ranks).into_iter();
+    let connector = Connector::new(collective.resolve(devices)?)?;
+    let mut group = ThreadGroup::new(devices.len()).into_iter();
     let first = group.next().expect("at least one rank");
-    let run_rank = |collective: ThreadRank,
+    let run_rank = |host: ThreadRank,
                     files: RunFiles<'_>,
                     on_iteration: &mut OnIteration<'_, M>|
      -> Result<(RunOutcome, Distiller<M>), DistillError> {
-        let collective: Arc<dyn Collective> = Arc::new(collective);
-        let rank = collective.rank();
+        let host = Arc::new(host);
+        let rank = host.rank();
         let body = std::panic::AssertUnwindSafe(|| {
-            build(rank)
-                .and_then(|d| d.with_collective(Arc::clone(&collective)))
-                .and_then(|mut d| drive(&mut d, files, stop, on_iteration).map(|o| (o, d)))
+            let distiller = build(rank)?;
+            let collective = connector.connect(&host, &devices[rank])?;
+            let mut distiller = distiller.with_collective(collective)?;
+            drive(&mut distiller, files, stop, on_iteration).map(|o| (o, distiller))
         });
         let result = std::panic::catch_unwind(body).unwrap_or_else(|panic| {
             let message = panic
@@ -104,7 +225,7 @@ where
             Err(DistillError::RankPanicked { rank, message })
         });
         if let Err(e) = &result {
-            collective.abort(&e.to_string());
+            host.abort(&e.to_string());
         }
         result
     };
@@ -146,4 +267,40 @@ where
         }
         Ok(outcome.expect("rank 0 succeeded"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_collective_is_chosen_in_one_place_and_refusals_say_why() {
+        let cpus = vec![Device::Cpu; 2];
+        assert_eq!(
+            CollectiveKind::Auto.resolve(&cpus).unwrap(),
+            CollectiveKind::Host
+        );
+        assert_eq!(
+            CollectiveKind::Host.resolve(&cpus).unwrap(),
+            CollectiveKind::Host
+        );
+        let err = CollectiveKind::Nccl.resolve(&cpus).unwrap_err().to_string();
+        let why = if CollectiveKind::NCCL_BUILT {
+            "rank 0 is on Cpu"
+        } else {
+            "rebuild with `--features nccl`"
+        };
+        assert!(
+            err.contains(why) && err.contains("--collective host"),
+            "{err}"
+        );
+        for name in CollectiveKind::NAMES {
+            assert_eq!(CollectiveKind::parse(name).unwrap().name(), name);
+        }
+        let err = CollectiveKind::parse("mpi").unwrap_err().to_string();
+        assert!(
+            err.contains("collective") && err.contains("auto, host, nccl"),
+            "{err}"
+        );
+    }
 }

@@ -78,6 +78,14 @@ fn failed((rank, problem): &(usize, String)) -> DistillError {
     }
 }
 
+impl ThreadRank {
+    /// The failure of the rank that aborted the group, if one did.
+    #[cfg(feature = "nccl")]
+    pub(crate) fn aborted(&self) -> Option<DistillError> {
+        self.shared.lock().aborted.as_ref().map(failed)
+    }
+}
+
 impl Collective for ThreadRank {
     fn rank(&self) -> usize {
         self.rank
