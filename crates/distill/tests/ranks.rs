@@ -194,11 +194,27 @@ fn a_stop_on_one_rank_stops_every_rank_at_the_same_iteration() {
     assert_eq!(d.iteration(), 2);
 }
 
+/// The error of a run over `n` CPU ranks that must fail.
+fn fails_on<F>(n: usize, build: &F) -> DistillError
+where
+    F: Fn(usize) -> Result<Distiller, DistillError> + Sync,
+{
+    let stop = AtomicBool::new(false);
+    drive_ranks(
+        &cpus(n),
+        CollectiveKind::Auto,
+        build,
+        NO_FILES,
+        &stop,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap_err()
+}
+
 #[test]
 fn a_failing_rank_stops_the_others_with_its_own_error() {
     let config = config(MethodKind::Dc, MatchMode::Class, false);
     let split = tiny_split(None);
-    let stop = AtomicBool::new(false);
     // Rank 2 cannot be built (as if its device were missing): the run fails with that error.
     let build = |rank: usize| {
         if rank == 2 {
@@ -209,15 +225,7 @@ fn a_failing_rank_stops_the_others_with_its_own_error() {
         }
         Distiller::new(config.clone(), &split, &Device::Cpu, DType::F32)
     };
-    let err = drive_ranks(
-        &cpus(3),
-        CollectiveKind::Auto,
-        build,
-        NO_FILES,
-        &stop,
-        &mut |_, _| Ok(()),
-    )
-    .unwrap_err();
+    let err = fails_on(3, &build);
     assert!(err.to_string().contains("cuda:2 is not there"), "{err}");
     assert!(!matches!(err, DistillError::RankFailed { .. }), "{err}");
 
@@ -226,25 +234,9 @@ fn a_failing_rank_stops_the_others_with_its_own_error() {
     exploding.settings.lr_img = 1e30;
     exploding.settings.iterations = 4;
     let build = |_rank: usize| Distiller::new(exploding.clone(), &split, &Device::Cpu, DType::F32);
-    let err = drive_ranks(
-        &cpus(2),
-        CollectiveKind::Auto,
-        build,
-        NO_FILES,
-        &stop,
-        &mut |_, _| Ok(()),
-    )
-    .unwrap_err();
+    let err = fails_on(2, &build);
     assert!(matches!(err, DistillError::NonFiniteLoss { .. }), "{err}");
 
-    let err = drive_ranks(
-        &cpus(0),
-        CollectiveKind::Auto,
-        build,
-        NO_FILES,
-        &stop,
-        &mut |_, _| Ok(()),
-    )
-    .unwrap_err();
+    let err = fails_on(0, &build);
     assert!(err.to_string().contains("ranks"), "{err}");
 }
