@@ -113,8 +113,8 @@ pub struct DistillArgs {
     /// How the ranks sum their gradients: auto (NCCL when every rank has its own GPU and the
     /// build has --features nccl, otherwise host), host (through host memory, in f64, any
     /// devices) or nccl (between the GPUs, one per rank).
-    #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(CollectiveKind::NAMES))]
-    collective: String,
+    #[arg(long, default_value = "auto")]
+    collective: CollectiveKind,
     /// Seed of every random choice.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -158,7 +158,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<RunOutcome> {
         anyhow::bail!("--grid-every and --checkpoint-every must be at least 1");
     }
     let devices = debiasdd_model::device::parse_rank_devices(&args.device, args.ranks)?;
-    let collective = CollectiveKind::parse(&args.collective)?.resolve(&devices)?;
+    let collective = args.collective.resolve(&devices)?;
     let data = debiasdd_data::file::load(&args.data)?;
     // Every rank's distiller, built alike (and resumed alike).
     let build = |rank: usize| -> Result<Distiller, debiasdd_distill::DistillError> {

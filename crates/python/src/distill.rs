@@ -146,8 +146,8 @@ pub fn distill(
         )));
     }
     let devices = debiasdd_model::device::parse_rank_devices(device, ranks).py()?;
-    let collective = debiasdd_distill::CollectiveKind::parse(collective)
-        .and_then(|c| c.resolve(&devices))
+    let collective = parse::<debiasdd_distill::CollectiveKind>(collective, "collective")?
+        .resolve(&devices)
         .py()?;
     let mut reporter = Reporter::new(progress)?;
     let iterations = config.settings.iterations;

@@ -35,11 +35,14 @@ mod nccl;
 pub mod shard;
 mod threads;
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, DeviceLocation, Tensor};
 
+use crate::config::name_traits;
 use crate::driver::{OnIteration, RunFiles, RunOutcome, drive};
 use crate::engine::Distiller;
 use crate::error::DistillError;
@@ -81,26 +84,17 @@ pub enum CollectiveKind {
 }
 
 impl CollectiveKind {
-    /// The names `--collective` takes.
-    pub const NAMES: [&'static str; 3] = ["auto", "host", "nccl"];
+    pub const ALL: [Self; 3] = [Self::Auto, Self::Host, Self::Nccl];
 
     /// Whether this build can sum with NCCL.
     pub const NCCL_BUILT: bool = cfg!(feature = "nccl");
 
-    pub fn parse(name: &str) -> Result<Self, DistillError> {
-        match name {
-            "auto" => Ok(Self::Auto),
-            "host" => Ok(Self::Host),
-            "nccl" => Ok(Self::Nccl),
-            other => Err(DistillError::InvalidConfig {
-                field: "collective",
-                problem: format!("`{other}` is none of auto, host, nccl"),
-            }),
-        }
-    }
-
     pub fn name(self) -> &'static str {
-        Self::NAMES[self as usize]
+        match self {
+            Self::Auto => "auto",
+            Self::Host => "host",
+            Self::Nccl => "nccl",
+        }
     }
 
     /// The collective that ranks on `devices` (one per rank) use: `Host` or `Nccl`, never
@@ -115,7 +109,7 @@ impl CollectiveKind {
             .collect();
         let problem = if !Self::NCCL_BUILT {
             Some(
-                "this build has no NCCL: rebuild with `--features nccl` (README, \"Several GPUs\")"
+                "this build has no NCCL: rebuild with `--features nccl` (xtask/gpu/nccl-toolchain.sh)"
                     .to_owned(),
             )
         } else if devices.len() < 2 {
@@ -146,6 +140,8 @@ impl CollectiveKind {
         }
     }
 }
+
+name_traits!(CollectiveKind, "auto, host, nccl");
 
 /// What a rank joins after its distiller is built.
 enum Connector {
@@ -294,12 +290,12 @@ mod tests {
             err.contains(why) && err.contains("--collective host"),
             "{err}"
         );
-        for name in CollectiveKind::NAMES {
-            assert_eq!(CollectiveKind::parse(name).unwrap().name(), name);
+        for kind in CollectiveKind::ALL {
+            assert_eq!(kind.name().parse::<CollectiveKind>().unwrap(), kind);
         }
-        let err = CollectiveKind::parse("mpi").unwrap_err().to_string();
+        let err = "mpi".parse::<CollectiveKind>().unwrap_err();
         assert!(
-            err.contains("collective") && err.contains("auto, host, nccl"),
+            err.contains("`mpi`") && err.contains("auto, host, nccl"),
             "{err}"
         );
     }
